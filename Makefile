@@ -1,0 +1,33 @@
+# Targets for developers and CI. `make run` and `make test` set up everything they
+# need on a fresh machine with Python 3.11+: a virtual environment in .venv with the
+# package and its test dependencies.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,fast]'
+	touch $(STAMP)
+
+## run: the gateway on the memory:// registry with a demo provider and its heartbeat agent
+run: $(STAMP)
+	$(BIN)/python -m proxy.demo.run
+
+## test: the whole test suite (starts its own redis-server on a free port)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy registry tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

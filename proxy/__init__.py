@@ -1,0 +1,29 @@
+"""The e2ee-gateway HTTP proxy.
+
+Map of the package::
+
+    __main__   command line: e2ee-gateway / python -m proxy
+    server     starts the public and admin listeners
+    app        Gateway (shared state), app factories, middlewares
+    handlers   public listener: routed requests, /v1/models, attestation reports, health
+    admin      admin listener: heartbeats, deregistration, provider list, /metrics
+    forward    one request to a provider: attempts, retries, relay of bodies and streams
+    routing    provider choice (least outstanding requests) and passive ejection
+    headers    E2EE header validation and the headers that cross the gateway
+    sse        event framing checks on a reassembly buffer
+    errors     the exception tree and the OpenAI error envelope
+    urlcheck   provider URL and address policy
+    auth       provider and admin tokens
+    config     Settings from GATEWAY_* variables
+    metrics    Prometheus metrics
+    logs       log format, access log, rate-limited warnings
+    demo/      a demo provider for trials and tests
+
+Glossary:
+    client      the caller of the public listener (downstream)
+    provider    an OpenAI-compatible inference server in a TEE (upstream)
+    endpoint    one provider base URL registered for a public key
+    pinned      a request carrying X-Model-Pub-Key: only that key's endpoints may serve it
+    stale key   a pinned key that no live endpoint of the model holds: answered with 421
+    attempt     one try to get an answer from one endpoint
+"""

@@ -1,0 +1,80 @@
+"""Command line of the gateway: ``e2ee-gateway`` or ``python -m proxy``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from proxy.auth import TokenFileError
+from proxy.config import ConfigError, Settings, flag_help
+from proxy.logs import configure_logging
+from proxy.server import start_gateway
+
+logger = logging.getLogger("proxy")
+
+
+def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
+    """Return GATEWAY_* values given as flags; flags win over the environment."""
+    parser = argparse.ArgumentParser(
+        prog="e2ee-gateway",
+        description=(
+            "Gateway for end-to-end-encrypted LLM inference. Every flag mirrors a GATEWAY_* "
+            "environment variable; durations are in seconds."
+        ),
+    )
+    for flag, variable, help_text in flag_help():
+        parser.add_argument(flag, dest=variable, metavar="VALUE", help=f"{help_text} ({variable})")
+    namespace = parser.parse_args(argv)
+    return {name: value for name, value in vars(namespace).items() if value is not None}
+
+
+async def serve(settings: Settings) -> None:
+    running = await start_gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await running.stop()
+        logger.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = Settings.from_env({**os.environ, **parse_args(argv)})
+    except ConfigError as exc:
+        print(f"e2ee-gateway: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        run(serve(settings))
+    except TokenFileError as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutine on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coroutine)
+    else:
+        uvloop.run(main_coroutine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Application factories, shared gateway state and the middlewares of both listeners.
+
+``Gateway`` holds what both listeners share: settings, the registry, the upstream
+ClientSession and Forwarder, metrics and tokens. The public app opens and closes it in
+its ``cleanup_ctx``; the admin app reads the same object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy.auth import TokenStore, load_admin_token, load_provider_tokens, load_secret
+from proxy.config import Settings
+from proxy.errors import GatewayError, NotFound, RequestTooLarge
+from proxy.forward import Exchange, Forwarder
+from proxy.headers import client_request_id
+from proxy.logs import ACCESS_LOGGER, printable
+from proxy.metrics import Metrics
+from proxy.routing import Balancer
+from proxy.urlcheck import AddressPolicy, GuardedResolver
+from registry import Registry, open_registry, redact_url
+from registry.base import RegistryUnavailable
+
+__all__ = ["EXCHANGE", "GATEWAY", "Gateway", "create_admin_app", "create_public_app"]
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Gateway:
+    """State shared by the public and admin listeners of one gateway process."""
+
+    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.policy = AddressPolicy.from_allow_list(settings.allowed_provider_hosts)
+        self.tokens = TokenStore(
+            provider_tokens=(
+                load_provider_tokens(settings.provider_tokens_file)
+                if settings.provider_tokens_file
+                else {}
+            ),
+            admin_token=(
+                load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
+            ),
+        )
+        self.upstream_token = (
+            load_secret(settings.upstream_token_file) if settings.upstream_token_file else None
+        )
+        self.balancer = Balancer(settings.eject_cooldown_s)
+        self.draining = False
+        self._injected_registry = registry
+        self._registry = registry
+        self._session: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("the gateway is not open")
+        return self._registry
+
+    @property
+    def forwarder(self) -> Forwarder:
+        if self._forwarder is None:
+            raise RuntimeError("the gateway is not open")
+        return self._forwarder
+
+    async def open(self) -> None:
+        """Open the registry (unless one was injected), the upstream session and the reaper."""
+        settings = self.settings
+        if self._registry is None:
+            self._registry = open_registry(
+                settings.registry_url,
+                prefix=settings.redis_prefix,
+                timeout_s=settings.redis_timeout_s,
+            )
+        # One provider that accepts connections and never answers can hold at most
+        # max_connections_per_provider of them; requests to other providers never queue.
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=settings.max_connections_per_provider,
+            keepalive_timeout=settings.upstream_keepalive_s,
+            resolver=GuardedResolver(self.policy),
+        )
+        # auto_decompress=False: bodies are relayed byte for byte, so Content-Encoding
+        # and Content-Length keep describing the bytes the client receives.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self._forwarder = Forwarder(
+            self._session,
+            self.balancer,
+            connect_timeout_s=settings.connect_timeout_s,
+            first_byte_timeout_s=settings.first_byte_timeout_s,
+            idle_timeout_s=settings.idle_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+            retry_backoff_s=settings.retry_backoff_s,
+        )
+        self._reaper = asyncio.create_task(self._reap_forever(), name="registry-reaper")
+        logger.info(
+            "gateway open: registry %s, registration %s",
+            redact_url(settings.registry_url),
+            "enabled"
+            if self.tokens.registration_enabled
+            else "DISABLED (set GATEWAY_PROVIDER_TOKENS_FILE to enable it)",
+        )
+
+    async def aclose(self) -> None:
+        """Stop the reaper and close the session and the registry this object opened."""
+        if self._reaper is not None:
+            self._reaper.cancel("gateway closing")
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        if self._session is not None:
+            await self._session.close()
+        if self._registry is not None and self._injected_registry is None:
+            await self._registry.aclose()
+
+    async def _reap_forever(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            try:
+                removed = await self.registry.reap()
+            except RegistryUnavailable as exc:
+                if not failing:
+                    logger.warning("reaper cannot reach the registry: %s", exc)
+                failing = True
+                continue
+            if failing:
+                logger.info("reaper reaches the registry again")
+                failing = False
+            if removed:
+                logger.info("reaper removed %d expired endpoint(s)", removed)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+async def _gateway_lifetime(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    await gateway.open()
+    yield
+    await gateway.aclose()
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request an id and an Exchange, and write one access line when it ends."""
+    exchange = Exchange(request_id=client_request_id(request.headers))
+    request[EXCHANGE] = exchange
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        if exchange.outcome == "ok":
+            exchange.outcome = "client_disconnect"
+        status = 499
+        raise
+    finally:
+        _record(request, exchange, status)
+
+
+def _record(request: web.Request, exchange: Exchange, status: int) -> None:
+    duration_ms = (time.monotonic() - exchange.started) * 1000
+    route = exchange.route or "unmatched"
+    gateway = request.app[GATEWAY]
+    gateway.metrics.requests.labels(route, str(status), exchange.outcome).inc()
+    if exchange.ttft_ms is not None:
+        gateway.metrics.time_to_first_byte.observe(exchange.ttft_ms / 1000)
+    if exchange.stream_failure is not None:
+        gateway.metrics.stream_failures.labels(exchange.stream_failure).inc()
+    fields = {
+        "request_id": exchange.request_id,
+        "method": request.method,
+        "path": printable(request.path, 200),
+        "model": printable(exchange.model),
+        "provider": exchange.provider,
+        "status": status,
+        "outcome": exchange.outcome,
+        "attempts": exchange.attempts,
+        "duration_ms": round(duration_ms, 1),
+        "ttft_ms": None if exchange.ttft_ms is None else round(exchange.ttft_ms, 1),
+        "bytes_out": exchange.bytes_out,
+        "client": request.remote,
+    }
+    access_logger.info(" ".join(f"{key}=%s" for key in fields), *fields.values(), extra=fields)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into the OpenAI envelope; an unexpected one is a logged 500."""
+    exchange = request.get(EXCHANGE)
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        error: GatewayError = exc
+    except web.HTTPException as exc:
+        error = _from_http_exception(request, exc)
+    except Exception:
+        logger.exception("unexpected error in %s %s", request.method, request.path)
+        error = GatewayError("The gateway failed to process the request.", code="internal_error")
+    if exchange is not None:
+        exchange.outcome = error.outcome
+    return error_response(error)
+
+
+def error_response(error: GatewayError) -> web.Response:
+    response = web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type="application/json",
+        headers=error.headers,
+    )
+    if error.close_connection:
+        # aiohttp then sends Connection: close and closes the connection after the
+        # response, rather than keeping it alive.
+        response.force_close()
+    return response
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge(
+            "The request body is larger than the gateway's limit "
+            f"({request.app[GATEWAY].settings.max_body_bytes} bytes)."
+        )
+    if exc.status == 404:
+        return NotFound(f"No route for {request.method} {printable(request.path, 200)}.")
+    wrapped = GatewayError(exc.reason, code=None)
+    wrapped.status = exc.status
+    wrapped.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    wrapped.headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return wrapped
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        response.headers["X-Request-Id"] = exchange.request_id
+
+
+def _base_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[access_middleware, error_middleware],
+        client_max_size=gateway.settings.max_body_bytes,
+    )
+    app[GATEWAY] = gateway
+    app.on_response_prepare.append(_add_request_id)
+    return app
+
+
+def create_public_app(gateway: Gateway) -> web.Application:
+    """Build the client-facing app; it opens and closes ``gateway``."""
+    from proxy import handlers
+
+    app = _base_app(gateway)
+    app.cleanup_ctx.append(_gateway_lifetime)
+    handlers.add_routes(app)
+    return app
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    """Build the registration and admin app on the same, already shared, ``gateway``."""
+    from proxy import admin
+
+    app = _base_app(gateway)
+    admin.add_routes(app)
+    return app

@@ -1,0 +1,396 @@
+"""Sending a client request to a provider, with retries, and relaying its answer.
+
+One attempt has two phases. Before any byte reaches the client, a connection failure
+or an upstream 500/502/504 may be retried (at most ``MAX_ATTEMPTS`` attempts); a
+timeout is answered at once and never retried. Once the client's status line is out,
+failures can only be reported inside the stream, as one error event
+(``sse.error_frame``), and the stream ends without ``data: [DONE]``.
+
+Foreign errors (aiohttp client exceptions, asyncio timeouts) are translated here and
+nowhere else into ``proxy.errors`` classes or stream outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import sse
+from proxy.errors import ProviderUnavailable, UpstreamTimeout
+from proxy.headers import filter_response_headers
+from proxy.routing import Balancer, Target
+
+__all__ = ["MAX_ATTEMPTS", "Exchange", "Forwarder"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""Attempts per request, the first one included."""
+
+_PROVIDER_FAILURE_STATUSES = frozenset({500, 502, 504})
+_UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
+
+# Bytes held while waiting for the first complete event. A first event larger than
+# this is relayed without inspection rather than buffered without bound.
+FIRST_EVENT_HOLD_LIMIT = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one client request, for the access log and metrics."""
+
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    route: str = ""
+    model: str | None = None
+    provider: str | None = None
+    pinned: bool = False
+    outcome: str = "ok"
+    attempts: int = 0
+    ttft_ms: float | None = None
+    bytes_out: int = 0
+    stream_failure: str | None = None
+    """The code of the error event that ended the stream, if one did."""
+
+
+class _ProviderFailure(Exception):
+    """An attempt failed before any byte reached the client; another may follow."""
+
+    def __init__(
+        self, reason: str, *, counts_as_failure: bool = True, closed_before_response: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.counts_as_failure = counts_as_failure
+        self.closed_before_response = closed_before_response
+        """The connection closed before any response byte: maybe a pooled one gone stale."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """An upstream answer whose status line has not been sent to the client yet."""
+
+    upstream: aiohttp.ClientResponse
+    streaming: bool
+    buffered: bytes = b""
+
+
+class Forwarder:
+    """Forwards requests over one shared ClientSession and picks endpoints with a Balancer."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        balancer: Balancer,
+        *,
+        connect_timeout_s: float,
+        first_byte_timeout_s: float,
+        idle_timeout_s: float,
+        request_timeout_s: float,
+        retry_backoff_s: float,
+    ) -> None:
+        self._session = session
+        self._balancer = balancer
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout_s, sock_read=None
+        )
+        self._first_byte_timeout_s = first_byte_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._retry_backoff_s = retry_backoff_s
+
+    async def forward(
+        self,
+        request: web.Request,
+        *,
+        body: bytes,
+        headers: CIMultiDict[str],
+        targets: Sequence[Target],
+        pinned: bool,
+        stream: bool,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        """Send the request to one of ``targets`` and return the client's response.
+
+        Raises ProviderUnavailable after the last failed attempt and UpstreamTimeout
+        when the first-byte (streams) or total (other requests) timeout expires.
+        """
+        tried: list[Target] = []
+        replaced_stale_connection = False
+        while True:
+            # Choose an endpoint: untried ones first, and for unpinned requests the
+            # ones not ejected after recent failures.
+            target = self._balancer.choose(targets, tried=tried)
+            tried.append(target)
+            exchange.attempts += 1
+            exchange.provider = target.url
+
+            # An unpinned stream whose first event is an error goes to another
+            # endpoint while there is one left to try.
+            retry_error_event = (
+                not pinned and exchange.attempts < MAX_ATTEMPTS and len(tried) < len(targets)
+            )
+            self._balancer.started(target)
+            try:
+                held = await self._attempt(
+                    request, target, body, headers, stream, retry_error_event
+                )
+                if held.streaming:
+                    return await self._relay_stream(request, held, exchange)
+                return await self._relay_body(held, exchange)
+            except _UpstreamErrorEvent as event:
+                exchange.outcome = "upstream_error_event"
+                return web.Response(
+                    status=event.status, body=event.body, content_type="application/json"
+                )
+            except _ProviderFailure as failure:
+                if failure.closed_before_response and not replaced_stale_connection:
+                    # Providers close idle keep-alive connections (uvicorn after 5 s), so
+                    # a pooled connection can be dead when reused. One immediate retry on
+                    # a fresh connection is not an attempt. NOTE: aiohttp does not say
+                    # whether the connection was pooled, so a provider that closes fresh
+                    # connections at once also gets this one free retry.
+                    replaced_stale_connection = True
+                    exchange.attempts -= 1
+                    tried.pop()
+                    continue
+                if failure.counts_as_failure:
+                    self._balancer.failed(target)
+                if exchange.attempts >= MAX_ATTEMPTS:
+                    logger.warning(
+                        "giving up on request %s after %d attempts: %s from %s",
+                        exchange.request_id,
+                        exchange.attempts,
+                        failure.reason,
+                        target.url,
+                    )
+                    raise ProviderUnavailable(failure.reason) from None
+                logger.warning(
+                    "attempt %d of request %s failed: %s from %s; retrying",
+                    exchange.attempts,
+                    exchange.request_id,
+                    failure.reason,
+                    target.url,
+                )
+                await self._backoff(exchange.attempts, same_target=len(set(tried)) == len(targets))
+            finally:
+                self._balancer.finished(target)
+
+    async def _backoff(self, attempt: int, *, same_target: bool) -> None:
+        # Another endpoint can be tried at once; the same one gets a short, jittered pause.
+        if same_target:
+            delay = self._retry_backoff_s * (2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        target: Target,
+        body: bytes,
+        headers: CIMultiDict[str],
+        stream: bool,
+        retry_error_event: bool,
+    ) -> _Held:
+        """Open the upstream request and wait until the client's status can be decided."""
+        deadline = self._first_byte_timeout_s if stream else self._request_timeout_s
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(deadline):
+                upstream = await self._session.request(
+                    request.method,
+                    target.url + request.rel_url.path_qs,
+                    data=body or None,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._connect_timeout,
+                )
+                held = await self._hold(upstream, stream, retry_error_event)
+        except aiohttp.ClientError as exc:
+            if upstream is not None:
+                upstream.close()
+            raise _ProviderFailure(
+                _describe_client_error(exc),
+                closed_before_response=upstream is None and _is_closed_connection(exc),
+            ) from exc
+        except TimeoutError:
+            if upstream is not None:
+                upstream.close()
+            logger.warning(
+                "provider %s sent no %s within %.1f s",
+                target.url,
+                "first event" if stream else "complete response",
+                deadline,
+            )
+            raise UpstreamTimeout(
+                "The provider did not answer in time."
+                + (" No event arrived within the first-byte timeout." if stream else "")
+            ) from None
+        except BaseException:
+            if upstream is not None:
+                upstream.close()
+            raise
+        return held
+
+    async def _hold(
+        self, upstream: aiohttp.ClientResponse, stream: bool, retry_error_event: bool
+    ) -> _Held:
+        """Read what decides the client's status: headers, and for streams the first event."""
+        status = upstream.status
+        if status in _PROVIDER_FAILURE_STATUSES:
+            upstream.close()
+            raise _ProviderFailure(f"upstream status {status}")
+        if status in _UPSTREAM_AUTH_STATUSES:
+            upstream.close()
+            logger.error(
+                "provider %s rejected the gateway's credentials with status %d; check "
+                "GATEWAY_UPSTREAM_TOKEN_FILE",
+                upstream.url.origin(),
+                status,
+            )
+            raise ProviderUnavailable("upstream_auth_failed")
+
+        is_sse = upstream.content_type == "text/event-stream"
+        if not (stream and is_sse and status == 200):
+            return _Held(upstream, streaming=False, buffered=await upstream.read())
+
+        buffer = bytearray()
+        while len(buffer) <= FIRST_EVENT_HOLD_LIMIT:
+            chunk = await upstream.content.readany()
+            if not chunk:
+                upstream.close()
+                raise _ProviderFailure("upstream closed the stream before its first event")
+            buffer += chunk
+            found = sse.find_first_event(buffer)
+            if found is None:
+                continue
+            error = sse.upstream_error_in_event(found[1])
+            if error is not None and retry_error_event:
+                # Another provider may not be overloaded; this one is not failing.
+                upstream.close()
+                raise _ProviderFailure(
+                    f"first event is an error with status {error[0]}", counts_as_failure=False
+                )
+            if error is not None:
+                upstream.close()
+                raise _UpstreamErrorEvent(*error)
+            break
+        return _Held(upstream, streaming=True, buffered=bytes(buffer))
+
+    async def _relay_body(self, held: _Held, exchange: Exchange) -> web.StreamResponse:
+        upstream = held.upstream
+        exchange.bytes_out = len(held.buffered)
+        upstream.release()
+        headers = filter_response_headers(upstream.headers)
+        return web.Response(status=upstream.status, headers=headers, body=held.buffered)
+
+    async def _relay_stream(
+        self, request: web.Request, held: _Held, exchange: Exchange
+    ) -> web.StreamResponse:
+        """Relay an SSE stream read by read; failures end it with one error event."""
+        upstream = held.upstream
+        headers = filter_response_headers(upstream.headers)
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        tail = held.buffered[-4:]
+        failure: str | None = None
+
+        try:
+            await response.prepare(request)
+            await response.write(held.buffered)
+            exchange.ttft_ms = (time.monotonic() - exchange.started) * 1000
+            exchange.bytes_out += len(held.buffered)
+
+            while True:
+                try:
+                    async with asyncio.timeout(self._idle_timeout_s):
+                        chunk = await upstream.content.readany()
+                except TimeoutError:
+                    failure = "upstream_idle_timeout"
+                    break
+                except (aiohttp.ClientError, OSError) as exc:
+                    logger.warning(
+                        "provider %s broke the stream of request %s: %s",
+                        upstream.url.origin(),
+                        exchange.request_id,
+                        _describe_client_error(exc),
+                    )
+                    failure = "upstream_reset"
+                    break
+                if not chunk:
+                    if not sse.ends_at_event_boundary(tail):
+                        failure = "upstream_incomplete"
+                    break
+                await response.write(chunk)
+                exchange.bytes_out += len(chunk)
+                tail = (tail + chunk)[-4:]
+
+            if failure is not None:
+                upstream.close()
+                exchange.outcome = failure
+                exchange.stream_failure = failure
+                await response.write(_failure_frame(failure, tail))
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            # The client went away: close the upstream connection so that the provider
+            # stops generating, and let a cancellation continue.
+            upstream.close()
+            exchange.outcome = "client_disconnect"
+            logger.info("client disconnected from request %s", exchange.request_id)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            upstream.release()
+        return response
+
+
+class _UpstreamErrorEvent(Exception):
+    """A pinned stream whose first event is an error: answered with that status and JSON."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+_FAILURE_MESSAGES = {
+    "upstream_reset": "The provider closed the connection before the response was complete.",
+    "upstream_idle_timeout": "The provider sent nothing within the idle timeout.",
+    "upstream_incomplete": "The provider ended the stream in the middle of an event.",
+}
+
+
+def _failure_frame(failure: str, tail: bytes) -> bytes:
+    # A blank line first when the provider stopped inside an event, so that the error
+    # is parsed as an event of its own rather than glued to the partial one.
+    prefix = b"" if sse.ends_at_event_boundary(tail) else b"\n\n"
+    return prefix + sse.error_frame(_FAILURE_MESSAGES[failure], failure)
+
+
+def _is_closed_connection(exc: aiohttp.ClientError) -> bool:
+    """Return whether an established connection was closed or reset (not a connect failure)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(
+        exc, aiohttp.ClientConnectorError
+    )
+
+
+def _describe_client_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return (
+            f"connection to {exc.host}:{exc.port} failed ({exc.os_error.strerror or exc.os_error})"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "provider closed the connection before answering"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect timed out"
+    return f"{type(exc).__name__}: {exc}"

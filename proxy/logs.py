@@ -1,0 +1,82 @@
+"""Logging set-up: text or JSON lines, the access log and rate-limited warnings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+__all__ = ["ACCESS_LOGGER", "RateLimiter", "configure_logging", "printable"]
+
+ACCESS_LOGGER = "proxy.access"
+
+# Attributes every LogRecord has; anything else came in through ``extra=``.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with the message, level, logger and ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRIBUTES:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    """Send every log line to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log is replaced by ACCESS_LOGGER's one line per request.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def printable(value: str | None, limit: int = 100) -> str | None:
+    """Return a client-chosen string made safe for one log line: no control characters, bounded."""
+    if value is None:
+        return None
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in value[:limit])
+    return cleaned + ("..." if len(value) > limit else "")
+
+
+class RateLimiter:
+    """Allows one log line per key per interval and counts the lines it suppressed."""
+
+    def __init__(self, interval_s: float, *, max_keys: int = 10_000) -> None:
+        self._interval_s = interval_s
+        self._max_keys = max_keys
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str, now: float | None = None) -> tuple[bool, int]:
+        """Return (whether to log now, how many lines for this key were suppressed before)."""
+        now = time.monotonic() if now is None else now
+        last, suppressed = self._last.get(key, (float("-inf"), 0))
+        if now - last >= self._interval_s:
+            if len(self._last) >= self._max_keys:
+                self._last.clear()
+            self._last[key] = (now, 0)
+            return True, suppressed
+        self._last[key] = (last, suppressed + 1)
+        return False, suppressed + 1
