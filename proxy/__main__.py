@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,14 +36,24 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
 
 
 async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal stops at once."""
     running = await start_gateway(settings)
-    stop = asyncio.Event()
+    signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        await stop.wait()
-        logger.info("stopping")
+        first = await signals.get()
+        logger.info("received %s: shutting down gracefully", signal.Signals(first).name)
+        drain = asyncio.create_task(running.drain_and_stop(), name="drain")
+        second = asyncio.create_task(signals.get(), name="second-signal")
+        await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            logger.warning("received a second signal: stopping at once")
+            drain.cancel("second signal")
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
     finally:
         await running.stop()
         logger.info("stopped")

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.app import EXCHANGE, GATEWAY, Gateway
+from proxy.attestation import AttestationFailed
 from proxy.auth import bearer_token
 from proxy.errors import (
     Conflict,
@@ -74,6 +75,8 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
     request[EXCHANGE].route = "heartbeat"
     identity = _provider_identity(request, gateway)
     beat = _parse_heartbeat(await request.read(), identity, gateway)
+    if gateway.settings.require_attestation_match:
+        await _check_attestation(gateway, beat)
 
     try:
         result = await gateway.registry.heartbeat(beat)
@@ -119,6 +122,23 @@ async def handle_heartbeat(request: web.Request) -> web.Response:
                 f"Agent instance {beat.instance_id!r} deregistered this endpoint; late "
                 "heartbeats from it are rejected. A restarted agent uses a new instance_id."
             )
+
+
+async def _check_attestation(gateway: Gateway, beat: Heartbeat) -> None:
+    try:
+        await gateway.attestation.check(beat.pubkey, beat.url, beat.model, beat.signing_algo)
+    except AttestationFailed as exc:
+        gateway.metrics.heartbeats.labels("attestation_failed").inc()
+        logger.warning(
+            "heartbeat from %s rejected: key %s... at %s not confirmed: %s",
+            beat.owner, beat.pubkey[:16], beat.url, exc,
+        )
+        raise Conflict(
+            f"The key could not be confirmed: {exc}. The provider must publish this key in "
+            "GET /v1/attestation/report (GATEWAY_REQUIRE_ATTESTATION_MATCH is on).",
+            param="pubkey",
+            code="attestation_mismatch",
+        ) from None
 
 
 def _parse_heartbeat(raw: bytes, identity: str, gateway: Gateway) -> Heartbeat:
@@ -222,6 +242,7 @@ async def handle_deregister(request: web.Request) -> web.Response:
         ) from None
     except registry_base.RegistryUnavailable as exc:
         raise RegistryUnavailable() from exc
+    gateway.attestation.forget(pubkey, url)
     logger.info(
         "provider left: key %s... urls %s removed by %s",
         pubkey[:16],

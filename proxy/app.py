@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import BaseProtocol
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
+from proxy.attestation import AttestationChecker
 from proxy.auth import TokenStore, load_admin_token, load_provider_tokens, load_secret
 from proxy.config import Settings
-from proxy.errors import GatewayError, NotFound, RequestTooLarge
+from proxy.errors import GatewayError, NotFound, RequestTooLarge, ShuttingDown
 from proxy.forward import Exchange, Forwarder
 from proxy.headers import client_request_id
 from proxy.logs import ACCESS_LOGGER, printable
@@ -58,10 +60,19 @@ class Gateway:
         )
         self.balancer = Balancer(settings.eject_cooldown_s)
         self.draining = False
+        """Set on SIGTERM: /readyz answers 503 so that load balancers stop sending."""
+        self.refusing_requests = False
+        """Set after the drain delay: new requests get 503 shutting_down."""
+        self.requests_in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.busy_connections: set[BaseProtocol] = set()
+        """Client connections with a request in progress, so that draining spares them."""
         self._injected_registry = registry
         self._registry = registry
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
+        self._attestation: AttestationChecker | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     @property
@@ -69,6 +80,12 @@ class Gateway:
         if self._registry is None:
             raise RuntimeError("the gateway is not open")
         return self._registry
+
+    @property
+    def attestation(self) -> AttestationChecker:
+        if self._attestation is None:
+            raise RuntimeError("the gateway is not open")
+        return self._attestation
 
     @property
     def forwarder(self) -> Forwarder:
@@ -109,6 +126,12 @@ class Gateway:
             idle_timeout_s=settings.idle_timeout_s,
             request_timeout_s=settings.request_timeout_s,
             retry_backoff_s=settings.retry_backoff_s,
+            metrics=self.metrics,
+        )
+        self._attestation = AttestationChecker(
+            self._session,
+            verifier=settings.attestation_verifier,
+            recheck_interval_s=settings.attestation_recheck_s,
         )
         self._reaper = asyncio.create_task(self._reap_forever(), name="registry-reaper")
         logger.info(
@@ -164,6 +187,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Give the request an id and an Exchange, and write one access line when it ends."""
     exchange = Exchange(request_id=client_request_id(request.headers))
     request[EXCHANGE] = exchange
+    gateway = request.app[GATEWAY]
+    gateway.requests_in_flight += 1
+    gateway.busy_connections.add(request.protocol)
+    gateway.idle.clear()
+    gateway.metrics.in_flight.inc()
     status = 500
     try:
         response = await handler(request)
@@ -172,9 +200,15 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         if exchange.outcome == "ok":
             exchange.outcome = "client_disconnect"
+        # 499 as in nginx's logs: the client closed the connection before the answer.
         status = 499
         raise
     finally:
+        gateway.requests_in_flight -= 1
+        gateway.busy_connections.discard(request.protocol)
+        gateway.metrics.in_flight.dec()
+        if gateway.requests_in_flight == 0:
+            gateway.idle.set()
         _record(request, exchange, status)
 
 
@@ -222,6 +256,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return error_response(error)
 
 
+_ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer 503 shutting_down once the drain delay is over; health checks still work."""
+    if request.app[GATEWAY].refusing_requests and request.path not in _ALWAYS_SERVED:
+        raise ShuttingDown()
+    return await handler(request)
+
+
 def error_response(error: GatewayError) -> web.Response:
     response = web.Response(
         status=error.status,
@@ -259,7 +304,7 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 
 def _base_app(gateway: Gateway) -> web.Application:
     app = web.Application(
-        middlewares=[access_middleware, error_middleware],
+        middlewares=[access_middleware, error_middleware, drain_middleware],
         client_max_size=gateway.settings.max_body_bytes,
     )
     app[GATEWAY] = gateway

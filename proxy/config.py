@@ -159,6 +159,9 @@ class Settings:
     require_attestation_match: bool = _setting(
         True, _parse_bool, "check a new key against the provider's attestation report"
     )
+    attestation_recheck_s: float = _setting(
+        300.0, _duration, "a registered key is checked against the report again after this long"
+    )
     attestation_verifier: str | None = _setting(
         None, _optional(str), "command that verifies attestation reports"
     )

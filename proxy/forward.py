@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,7 @@ from multidict import CIMultiDict
 from proxy import sse
 from proxy.errors import ProviderUnavailable, UpstreamTimeout
 from proxy.headers import filter_response_headers
+from proxy.metrics import Metrics
 from proxy.routing import Balancer, Target
 
 __all__ = ["MAX_ATTEMPTS", "Exchange", "Forwarder"]
@@ -65,10 +67,17 @@ class _ProviderFailure(Exception):
     """An attempt failed before any byte reached the client; another may follow."""
 
     def __init__(
-        self, reason: str, *, counts_as_failure: bool = True, closed_before_response: bool = False
+        self,
+        reason: str,
+        *,
+        kind: str,
+        counts_as_failure: bool = True,
+        closed_before_response: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+        """Bounded label for metrics: connect_error, upstream_status, error_event, incomplete."""
         self.counts_as_failure = counts_as_failure
         self.closed_before_response = closed_before_response
         """The connection closed before any response byte: maybe a pooled one gone stale."""
@@ -96,9 +105,13 @@ class Forwarder:
         idle_timeout_s: float,
         request_timeout_s: float,
         retry_backoff_s: float,
+        metrics: Metrics,
     ) -> None:
         self._session = session
         self._balancer = balancer
+        self._metrics = metrics
+        self._streams: dict[asyncio.Task[Any], Exchange] = {}
+        self._aborting: set[asyncio.Task[Any]] = set()
         self._connect_timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout_s, sock_read=None
         )
@@ -140,9 +153,14 @@ class Forwarder:
             )
             self._balancer.started(target)
             try:
-                held = await self._attempt(
-                    request, target, body, headers, stream, retry_error_event
-                )
+                try:
+                    held = await self._attempt(
+                        request, target, body, headers, stream, retry_error_event
+                    )
+                except UpstreamTimeout:
+                    self._metrics.upstream_attempts.labels("timeout").inc()
+                    raise
+                self._metrics.upstream_attempts.labels("ok").inc()
                 if held.streaming:
                     return await self._relay_stream(request, held, exchange)
                 return await self._relay_body(held, exchange)
@@ -152,6 +170,7 @@ class Forwarder:
                     status=event.status, body=event.body, content_type="application/json"
                 )
             except _ProviderFailure as failure:
+                self._metrics.upstream_attempts.labels(failure.kind).inc()
                 if failure.closed_before_response and not replaced_stale_connection:
                     # Providers close idle keep-alive connections (uvicorn after 5 s), so
                     # a pooled connection can be dead when reused. One immediate retry on
@@ -172,7 +191,10 @@ class Forwarder:
                         failure.reason,
                         target.url,
                     )
-                    raise ProviderUnavailable(failure.reason) from None
+                    unreachable = failure.kind == "connect_error"
+                    raise ProviderUnavailable(
+                        "provider_unreachable" if unreachable else "upstream_error"
+                    ) from None
                 logger.warning(
                     "attempt %d of request %s failed: %s from %s; retrying",
                     exchange.attempts,
@@ -218,6 +240,7 @@ class Forwarder:
                 upstream.close()
             raise _ProviderFailure(
                 _describe_client_error(exc),
+                kind="connect_error",
                 closed_before_response=upstream is None and _is_closed_connection(exc),
             ) from exc
         except TimeoutError:
@@ -246,7 +269,7 @@ class Forwarder:
         status = upstream.status
         if status in _PROVIDER_FAILURE_STATUSES:
             upstream.close()
-            raise _ProviderFailure(f"upstream status {status}")
+            raise _ProviderFailure(f"upstream status {status}", kind="upstream_status")
         if status in _UPSTREAM_AUTH_STATUSES:
             upstream.close()
             logger.error(
@@ -266,7 +289,9 @@ class Forwarder:
             chunk = await upstream.content.readany()
             if not chunk:
                 upstream.close()
-                raise _ProviderFailure("upstream closed the stream before its first event")
+                raise _ProviderFailure(
+                    "upstream closed the stream before its first event", kind="incomplete"
+                )
             buffer += chunk
             found = sse.find_first_event(buffer)
             if found is None:
@@ -276,7 +301,9 @@ class Forwarder:
                 # Another provider may not be overloaded; this one is not failing.
                 upstream.close()
                 raise _ProviderFailure(
-                    f"first event is an error with status {error[0]}", counts_as_failure=False
+                    f"first event is an error with status {error[0]}",
+                    kind="error_event",
+                    counts_as_failure=False,
                 )
             if error is not None:
                 upstream.close()
@@ -302,6 +329,9 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         tail = held.buffered[-4:]
         failure: str | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = exchange
 
         try:
             await response.prepare(request)
@@ -335,21 +365,55 @@ class Forwarder:
 
             if failure is not None:
                 upstream.close()
-                exchange.outcome = failure
-                exchange.stream_failure = failure
-                await response.write(_failure_frame(failure, tail))
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError) as exc:
-            # The client went away: close the upstream connection so that the provider
-            # stops generating, and let a cancellation continue.
+                await self._end_with_error(response, failure, tail, exchange)
+            else:
+                await response.write_eof()
+        except asyncio.CancelledError:
             upstream.close()
-            exchange.outcome = "client_disconnect"
-            logger.info("client disconnected from request %s", exchange.request_id)
-            if isinstance(exc, asyncio.CancelledError):
+            if task not in self._aborting:
+                self._client_gone(exchange)
                 raise
+            # abort_streams() cancelled this stream at the shutdown deadline: end it with
+            # the error event instead of dropping the connection.
+            task.uncancel()
+            await self._end_with_error(response, "shutting_down", tail, exchange)
+        except ConnectionResetError:
+            upstream.close()
+            self._client_gone(exchange)
         finally:
             upstream.release()
+            self._streams.pop(task, None)
+            self._aborting.discard(task)
         return response
+
+    def _client_gone(self, exchange: Exchange) -> None:
+        # Closing the upstream connection (done by the caller) makes the provider stop
+        # generating; a disconnect is the client's choice, not an error.
+        exchange.outcome = "client_disconnect"
+        logger.info("client disconnected from request %s", exchange.request_id)
+
+    async def _end_with_error(
+        self, response: web.StreamResponse, failure: str, tail: bytes, exchange: Exchange
+    ) -> None:
+        exchange.outcome = failure
+        exchange.stream_failure = failure
+        try:
+            async with asyncio.timeout(1.0):
+                await response.write(_failure_frame(failure, tail))
+                await response.write_eof()
+        except (ConnectionResetError, TimeoutError):
+            logger.info("could not send the %s event of request %s", failure, exchange.request_id)
+
+    @property
+    def streams_in_flight(self) -> int:
+        return len(self._streams)
+
+    def abort_streams(self) -> int:
+        """End every stream in flight with the ``shutting_down`` event; return how many."""
+        for task in self._streams:
+            self._aborting.add(task)
+            task.cancel("gateway shutdown deadline")
+        return len(self._streams)
 
 
 class _UpstreamErrorEvent(Exception):
@@ -365,6 +429,7 @@ _FAILURE_MESSAGES = {
     "upstream_reset": "The provider closed the connection before the response was complete.",
     "upstream_idle_timeout": "The provider sent nothing within the idle timeout.",
     "upstream_incomplete": "The provider ended the stream in the middle of an event.",
+    "shutting_down": "The gateway is shutting down and could not wait for this stream to finish.",
 }
 
 

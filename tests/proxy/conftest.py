@@ -61,6 +61,8 @@ def make_settings(token_dir: Path) -> SettingsFactory:
         "request_timeout_s": 5.0,
         "retry_backoff_s": 0.01,
         "reap_interval_s": 0.2,
+        # Most tests register made-up keys; the attestation tests turn this on.
+        "require_attestation_match": False,
     }
 
     def make(**overrides: Any) -> Settings:

@@ -112,6 +112,7 @@ class Served:
     body: bytes
     write_times: list[float] = field(default_factory=list)
     sent: bytearray = field(default_factory=bytearray)
+    query: str = ""
 
 
 class ScriptedProvider:
@@ -158,7 +159,12 @@ class ScriptedProvider:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         reply = self.queue.popleft() if self.queue else self.default
-        served = Served(request.path, CIMultiDict(request.headers), await request.read())
+        served = Served(
+            request.path,
+            CIMultiDict(request.headers),
+            await request.read(),
+            query=request.query_string,
+        )
         self.served.append(served)
         async with self._changed:
             self._changed.notify_all()
