@@ -61,8 +61,10 @@ def _provider_identity(request: web.Request, gateway: Gateway) -> str:
             "Registration is disabled on this gateway: no provider tokens file is "
             "configured (GATEWAY_PROVIDER_TOKENS_FILE)."
         )
+    gateway.auth_failures.check(request.remote)
     identity = gateway.tokens.provider_identity(bearer_token(request.headers))
     if identity is None:
+        gateway.auth_failures.record_failure(request.remote)
         raise Unauthorized(
             "Missing or unknown provider token. Send 'Authorization: Bearer <token>'."
         )
@@ -215,6 +217,7 @@ async def handle_deregister(request: web.Request) -> web.Response:
     """Remove endpoints of a key: the caller's own, or any with the admin token."""
     gateway = request.app[GATEWAY]
     request[EXCHANGE].route = "deregister"
+    gateway.auth_failures.check(request.remote)
     token = bearer_token(request.headers)
     identity: str | None
     if gateway.tokens.is_admin(token):
@@ -255,7 +258,9 @@ async def handle_deregister(request: web.Request) -> web.Response:
 def _require_admin(request: web.Request, gateway: Gateway) -> None:
     if gateway.tokens.admin_token is None:
         raise Unauthorized("The admin API is disabled: set GATEWAY_ADMIN_TOKEN_FILE.")
+    gateway.auth_failures.check(request.remote)
     if not gateway.tokens.is_admin(bearer_token(request.headers)):
+        gateway.auth_failures.record_failure(request.remote)
         raise Unauthorized("Missing or wrong admin token. Send 'Authorization: Bearer <token>'.")
 
 

@@ -16,11 +16,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.attestation import AttestationChecker
-from proxy.auth import TokenStore, load_admin_token, load_provider_tokens, load_secret
+from proxy.auth import TokenStore, bearer_token, load_admin_token, load_provider_tokens, load_secret
+from proxy.clientauth import (
+    ConcurrencyLimiter,
+    FailedAuthLimiter,
+    hash_client_key,
+    load_client_keys,
+)
 from proxy.config import Settings
-from proxy.errors import GatewayError, NotFound, RequestTooLarge, ShuttingDown
+from proxy.errors import (
+    GatewayError,
+    NotFound,
+    RequestTooLarge,
+    ShuttingDown,
+    Unauthorized,
+)
 from proxy.forward import Exchange, Forwarder
 from proxy.headers import client_request_id
 from proxy.logs import ACCESS_LOGGER, printable
@@ -54,6 +67,17 @@ class Gateway:
             admin_token=(
                 load_admin_token(settings.admin_token_file) if settings.admin_token_file else None
             ),
+        )
+        self.client_keys = (
+            load_client_keys(settings.client_keys_file) if settings.client_keys_file else None
+        )
+        self.client_limiter = (
+            ConcurrencyLimiter(settings.client_concurrency)
+            if settings.client_concurrency is not None
+            else None
+        )
+        self.auth_failures = FailedAuthLimiter(
+            settings.auth_failure_limit, settings.auth_failure_window_s
         )
         self.upstream_token = (
             load_secret(settings.upstream_token_file) if settings.upstream_token_file else None
@@ -267,6 +291,25 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await handler(request)
 
 
+@web.middleware
+async def client_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Require a client API key on /v1/ when client keys are configured, and cap concurrency."""
+    gateway = request.app[GATEWAY]
+    if gateway.client_keys is None or not request.path.startswith("/v1/"):
+        return await handler(request)
+
+    gateway.auth_failures.check(request.remote)
+    token = bearer_token(request.headers)
+    client = gateway.client_keys.get(hash_client_key(token)) if token else None
+    if client is None:
+        gateway.auth_failures.record_failure(request.remote)
+        raise Unauthorized("Missing or invalid API key. Send 'Authorization: Bearer <key>'.")
+    if gateway.client_limiter is None:
+        return await handler(request)
+    with gateway.client_limiter.slot(client):
+        return await handler(request)
+
+
 def error_response(error: GatewayError) -> web.Response:
     response = web.Response(
         status=error.status,
@@ -302,9 +345,9 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
         response.headers["X-Request-Id"] = exchange.request_id
 
 
-def _base_app(gateway: Gateway) -> web.Application:
+def _base_app(gateway: Gateway, *extra_middlewares: Middleware) -> web.Application:
     app = web.Application(
-        middlewares=[access_middleware, error_middleware, drain_middleware],
+        middlewares=[access_middleware, error_middleware, drain_middleware, *extra_middlewares],
         client_max_size=gateway.settings.max_body_bytes,
     )
     app[GATEWAY] = gateway
@@ -316,7 +359,7 @@ def create_public_app(gateway: Gateway) -> web.Application:
     """Build the client-facing app; it opens and closes ``gateway``."""
     from proxy import handlers
 
-    app = _base_app(gateway)
+    app = _base_app(gateway, client_auth_middleware)
     app.cleanup_ctx.append(_gateway_lifetime)
     handlers.add_routes(app)
     return app

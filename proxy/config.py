@@ -149,7 +149,13 @@ class Settings:
     shutdown_grace_s: float = _setting(60.0, _duration, "streams may finish this long")
     signature_ttl_s: float = _setting(1200.0, _duration, "how long completion ids are kept")
     client_concurrency: int | None = _setting(
-        None, _optional(_count), "concurrent requests per client key"
+        None, _optional(_count), "concurrent requests per client key (needs client keys)"
+    )
+    auth_failure_limit: int = _setting(
+        20, _count, "failed token attempts per source IP within the window before 429"
+    )
+    auth_failure_window_s: float = _setting(
+        60.0, _duration, "window of the failed token attempt limit"
     )
     workers: int = _setting(1, _count, "worker processes")
     log_format: str = _setting("text", _choice("text", "json"), "log line format")
@@ -176,6 +182,11 @@ class Settings:
             raise ConfigError(
                 f"{env_name('heartbeat_ttl_s')} ({self.heartbeat_ttl_s}) must lie between "
                 f"the minimum {self.heartbeat_ttl_min_s} and the maximum {self.heartbeat_ttl_max_s}"
+            )
+        if self.client_concurrency is not None and self.client_keys_file is None:
+            raise ConfigError(
+                f"{env_name('client_concurrency')} caps requests per client key and needs "
+                f"{env_name('client_keys_file')}"
             )
         if self.workers > 1 and self.registry_url.startswith("memory:"):
             raise ConfigError(

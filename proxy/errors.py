@@ -17,6 +17,8 @@ classes by ``error_middleware``, in the OpenAI envelope
     ├── Conflict                    409 code=conflict
     ├── Gone                        410 code=instance_retired
     ├── RequestTooLarge             413 code=request_too_large
+    ├── RateLimited                 429 rate_limit_exceeded (concurrency_limit,
+    │                                   too_many_failed_auth), Retry-After
     ├── StaleKey                    421 provider_error (exact message, code null)
     ├── ProviderUnavailable         502 bad_gateway (exact message, code null)
     ├── ServiceUnavailable          503 service_unavailable
@@ -51,6 +53,7 @@ __all__ = [
     "NoLiveProvider",
     "NotFound",
     "ProviderUnavailable",
+    "RateLimited",
     "RegistryUnavailable",
     "RequestTooLarge",
     "ServiceUnavailable",
@@ -184,6 +187,15 @@ class RequestTooLarge(GatewayError):
     code = "request_too_large"
     outcome = "request_too_large"
     close_connection = True
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    outcome = "rate_limited"
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 class StaleKey(GatewayError):
