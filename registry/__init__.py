@@ -8,7 +8,13 @@ Map of the package:
 - ``memory``: ``MemoryRegistry``, one process, injectable clock (tests, single replica).
 - ``redis_backend``: ``RedisRegistry``, shared by every replica; each write is one Lua
   script from ``lua/`` (heartbeat, deregister, reap) run on the Redis clock.
-- ``cli``: the ``e2ee-registry`` admin command (``list``, ``show``).
+- ``redis_io``: translation of redis-py errors, and the events channel subscription.
+- ``sentinel``: ``redis+sentinel://`` URLs and the client that follows the master.
+- ``snapshot``: ``SnapshotRegistry``, the per-replica copy of a RedisRegistry that
+  serves lookups from memory; ``snapshot_state`` (no I/O) and ``snapshot_sync``
+  (background tasks, outage tracking) are its parts.
+- ``cli`` and ``admin_client``: the ``e2ee-registry`` admin command, against Redis or a
+  gateway's admin API.
 - ``open_registry(url)`` here picks the backend by URL scheme.
 
 Glossary:
@@ -33,6 +39,13 @@ lease
     reaper removes it, and from then on another identity may take the URL over.
 reaper
     The periodic ``reap()`` call that deletes ended leases and publishes ``expire``.
+snapshot
+    One gateway replica's in-memory copy of the Redis registry, kept current by the
+    events channel and a periodic full reload.
+read-through
+    A Redis read made by a lookup that the snapshot could not answer positively.
+outage grace
+    How long a replica keeps serving its snapshot while Redis is unreachable.
 instance_id
     A random id per heartbeat agent process. When the owner deregisters an endpoint,
     that endpoint is retired for its instance_id for one lease length: heartbeats for
@@ -55,6 +68,8 @@ from registry.base import (
 )
 from registry.memory import MemoryRegistry
 from registry.redis_backend import RedisRegistry
+from registry.sentinel import SENTINEL_URL_FORM
+from registry.snapshot import SnapshotRegistry, SnapshotStats
 from registry.types import (
     PUBKEY_HEX_LENGTH,
     SIGNING_ALGOS,
@@ -84,13 +99,16 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
+    "SnapshotRegistry",
+    "SnapshotStats",
     "normalize_pubkey",
     "open_registry",
     "redact_url",
     "signing_algo_of",
 ]
 
-ACCEPTED_SCHEMES = "memory://, redis://, rediss://"
+ACCEPTED_SCHEMES = "memory://, redis://, rediss://, redis+sentinel://"
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+sentinel"})
 
 _SECRET_QUERY_PARAMS = frozenset({"password", "username", "user"})
 
@@ -117,6 +135,8 @@ def redact_url(url: str) -> str:
             [(k, "***" if k.lower() in _SECRET_QUERY_PARAMS else v) for k, v in pairs],
             safe="*",
         )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to mask; urlunsplit would turn memory:// into memory:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -126,28 +146,40 @@ def open_registry(
     prefix: str = "e2ee",
     timeout_s: float = 0.5,
     clock: Callable[[], float] | None = None,
+    snapshot: bool = True,
+    outage_grace_s: float = 60.0,
 ) -> Registry:
-    """Create the registry backend that the URL's scheme names.
+    """Create the registry that the URL's scheme names.
 
-    ``memory://`` gives a MemoryRegistry on ``clock`` (default ``time.time``);
-    ``redis://`` and ``rediss://`` give a RedisRegistry whose connect and command
-    timeouts are ``timeout_s`` seconds and whose keys start with ``prefix``. Redis
-    ``TIME`` is that backend's clock, so it ignores ``clock``. No connection is made until
-    the first call. Raises ValueError for any other scheme; the message never contains
-    the URL's credentials. The caller owns the result and must ``aclose()`` it.
+    ``memory://`` gives a MemoryRegistry on ``clock`` (default ``time.time``).
+    ``redis://``, ``rediss://`` and ``redis+sentinel://`` (form: SENTINEL_URL_FORM) give
+    a SnapshotRegistry over a RedisRegistry, or the RedisRegistry alone with
+    ``snapshot=False``. Redis connect and command timeouts are ``timeout_s`` seconds, keys
+    start with ``prefix``, and a snapshot serves its entries for ``outage_grace_s``
+    seconds while Redis is unreachable. Redis ``TIME`` is the clock there, so ``clock``
+    is ignored. No connection is made here: the caller awaits ``start()`` (a snapshot
+    also starts on its first call) and owns the result, so it must ``aclose()`` it.
+    Raises ValueError for any other scheme or a malformed URL; the message never
+    contains the URL's credentials.
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "memory":
         return MemoryRegistry(clock if clock is not None else time.time)
-    if scheme in ("redis", "rediss"):
+    if scheme in REDIS_SCHEMES:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if outage_grace_s <= 0:
+            raise ValueError(f"outage_grace_s must be positive, got {outage_grace_s}")
         try:
-            return RedisRegistry.from_url(url, prefix=prefix, timeout_s=timeout_s)
+            inner = RedisRegistry.from_url(url, prefix=prefix, timeout_s=timeout_s)
         except ValueError as exc:
-            # redis-py's URL errors name the bad part, never the password.
+            # redis-py's and the Sentinel parser's messages name the bad part, never the
+            # password.
             raise ValueError(f"invalid registry URL {redact_url(url)!r}: {exc}") from exc
+        if not snapshot:
+            return inner
+        return SnapshotRegistry(inner, outage_grace_s=outage_grace_s, timeout_s=timeout_s)
     raise ValueError(
         f"unsupported registry URL {redact_url(url)!r}: the scheme must be one of "
-        f"{ACCEPTED_SCHEMES}"
+        f"{ACCEPTED_SCHEMES} ({SENTINEL_URL_FORM})"
     )

@@ -42,7 +42,24 @@ class Registry(Protocol):
     Every read filters out endpoints whose ``expires_at`` is at or before the
     registry's clock, so an expired endpoint is dead to callers even before
     ``reap()`` removes it. Every method may raise RegistryUnavailable.
+
+    The owner calls ``start()`` once after creating the registry and ``aclose()`` at
+    the end. Lookups raise RegistryUnavailable when the registry is unreachable: they
+    never return None or an empty list for that reason.
     """
+
+    @property
+    def ready(self) -> bool:
+        """True while lookups can be served; reading it makes no I/O (for ``/readyz``)."""
+        ...
+
+    async def start(self) -> None:
+        """Load state and start background work; return even when the registry is down.
+
+        An unreachable registry does not make it fail: ``ready`` stays False until the
+        registry replies.
+        """
+        ...
 
     async def heartbeat(self, beat: Heartbeat) -> HeartbeatResult:
         """Register or renew one endpoint atomically and return what happened.
@@ -52,9 +69,7 @@ class Registry(Protocol):
         """
         ...
 
-    async def deregister(
-        self, pubkey: str, *, url: str | None, identity: str | None
-    ) -> list[str]:
+    async def deregister(self, pubkey: str, *, url: str | None, identity: str | None) -> list[str]:
         """Remove endpoints of a key and return the URLs removed.
 
         ``url=None`` means every endpoint of the key that ``identity`` owns.

@@ -67,6 +67,14 @@ class MemoryRegistry:
         # register that endpoint again.
         self._retired_until: dict[tuple[str, str, str], float] = {}
 
+    @property
+    def ready(self) -> bool:
+        """Always True: memory is always reachable."""
+        return True
+
+    async def start(self) -> None:
+        """Return at once: there is nothing to load."""
+
     async def heartbeat(self, beat: Heartbeat) -> HeartbeatResult:
         """Register or renew one endpoint; see ``Registry.heartbeat``."""
         now = self._clock()

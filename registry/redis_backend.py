@@ -16,12 +16,16 @@ Layout, a public interface that admins read with redis-cli (``<p>`` is the prefi
 Each write is one Lua script from ``registry/lua`` that reads the clock with
 ``redis.call('TIME')``, so every gateway replica uses the same clock. Reads decode the
 JSON here and drop endpoints whose ``expires_at`` is at or before Redis ``TIME``.
+
+``read_snapshot``, ``read_entry``, ``read_entries`` and ``events`` serve the per-replica
+snapshot (``registry.snapshot``): raw entries with the Redis clock, and the event stream.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
@@ -30,9 +34,12 @@ import orjson
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from registry.base import DeregisterForbidden, KeyNotFound, RegistryError, RegistryUnavailable
+from registry.base import DeregisterForbidden, KeyNotFound, RegistryUnavailable
+from registry.redis_io import EventSubscription, redis_errors
+from registry.sentinel import SENTINEL_SCHEME, open_sentinel, parse_sentinel_url
 from registry.types import (
     Endpoint,
     Heartbeat,
@@ -54,27 +61,6 @@ _MAX_MALFORMED_WARNED = 1024
 
 def _load_script(name: str) -> str:
     return resources.files("registry").joinpath("lua", name).read_text(encoding="utf-8")
-
-
-@contextmanager
-def _redis_errors(operation: str) -> Iterator[None]:
-    """Translate redis-py errors raised inside the block into registry errors.
-
-    This is the only place where redis-py exception types are caught: connection,
-    timeout and socket errors (and a replica that turned read-only during a failover)
-    become RegistryUnavailable, any other Redis error RegistryError.
-    """
-    try:
-        yield
-    except (
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        redis.exceptions.ReadOnlyError,
-        OSError,
-    ) as exc:
-        raise RegistryUnavailable(f"Redis {operation} failed: {exc}") from exc
-    except redis.exceptions.RedisError as exc:
-        raise RegistryError(f"Redis {operation} failed: {exc}") from exc
 
 
 def _text(value: bytes | str) -> str:
@@ -110,15 +96,23 @@ def _decode_entry(pubkey: str, raw: bytes | str) -> ProviderEntry:
 class RedisRegistry:
     """Registry stored in Redis, shared by every gateway replica that uses the same prefix.
 
-    The instance takes ownership of ``client`` and closes it in ``aclose()``. The
-    client should have ``socket_timeout`` and ``socket_connect_timeout`` set, or a
-    frozen Redis makes every call hang; ``from_url`` sets both.
+    The instance takes ownership of ``client`` (and of ``sentinel``, when given) and
+    closes it in ``aclose()``. The client should have ``socket_timeout`` and
+    ``socket_connect_timeout`` set, or a frozen Redis makes every call hang; ``from_url``
+    sets both.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, *, prefix: str = "e2ee") -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        prefix: str = "e2ee",
+        sentinel: Sentinel | None = None,
+    ) -> None:
         if not prefix:
             raise ValueError("the Redis key prefix must not be empty")
         self._client = client
+        self._sentinel = sentinel
         self.prefix = prefix
         self.providers_key = f"{prefix}:providers"
         self.expiry_key = f"{prefix}:expiry"
@@ -131,18 +125,24 @@ class RedisRegistry:
         self._deregister = client.register_script(_load_script("deregister.lua"))
         self._reap = client.register_script(_load_script("reap.lua"))
         self._malformed_warned: set[str] = set()
+        self._reachable = True
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "e2ee", timeout_s: float = 0.5) -> RedisRegistry:
-        """Create a registry on a new client for a ``redis://`` or ``rediss://`` URL.
+        """Create a registry on a new client for a redis, rediss or redis+sentinel URL.
 
         ``timeout_s`` bounds both connecting and each command. A failed connection is
         retried once at once (a pooled connection that Redis closed gets replaced); a
         timeout is not retried, so a call to a frozen Redis fails after about ``timeout_s``.
+        Raises ValueError for a malformed URL.
         """
         # NOTE: a retried deregister whose first reply was lost raises KeyNotFound even
         # though the first attempt removed the endpoints.
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        if url.partition("://")[0].lower() == SENTINEL_SCHEME:
+            parsed = parse_sentinel_url(url)
+            sentinel, client = open_sentinel(parsed, timeout_s=timeout_s, retry=retry)
+            return cls(client, prefix=prefix, sentinel=sentinel)
         client = redis.asyncio.from_url(
             url,
             socket_timeout=timeout_s,
@@ -150,6 +150,14 @@ class RedisRegistry:
             retry=retry,
         )
         return cls(client, prefix=prefix)
+
+    @property
+    def ready(self) -> bool:
+        """False after a command failed because Redis was unreachable, until one succeeds."""
+        return self._reachable
+
+    async def start(self) -> None:
+        """Return at once: this backend keeps no state to load and connects on demand."""
 
     async def heartbeat(self, beat: Heartbeat) -> HeartbeatResult:
         """Register or renew one endpoint in one script; see ``Registry.heartbeat``."""
@@ -169,7 +177,7 @@ class RedisRegistry:
             beat.instance_id,
             self.events_channel,
         ]
-        with _redis_errors("heartbeat script"):
+        with self._command("heartbeat script"):
             reply = await self._heartbeat(keys=keys, args=args)
         outcome, expires_at, bound_model = (_text(part) for part in reply)
         return HeartbeatResult(HeartbeatOutcome(outcome), float(expires_at), bound_model)
@@ -184,7 +192,7 @@ class RedisRegistry:
             self.retired_key_prefix,
             self.events_channel,
         ]
-        with _redis_errors("deregister script"):
+        with self._command("deregister script"):
             reply = await self._deregister(keys=[self.providers_key, self.expiry_key], args=args)
         status, *removed = (_text(part) for part in reply)
 
@@ -197,17 +205,10 @@ class RedisRegistry:
 
     async def get(self, pubkey: str) -> ProviderEntry | None:
         """Return the key's live entry (HGET and TIME in one round trip), or None."""
-        with _redis_errors("HGET"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hget(self.providers_key, pubkey)
-                pipe.time()
-                raw, time_reply = await pipe.execute()
-        if raw is None:
-            return None
-        entry = self._decode_or_warn(pubkey, raw)
+        now, entry = await self.read_entry(pubkey)
         if entry is None:
             return None
-        live = entry.live(_unix_time(time_reply))
+        live = entry.live(now)
         return live if live.endpoints else None
 
     async def by_model(self, model: str) -> list[ProviderEntry]:
@@ -228,13 +229,13 @@ class RedisRegistry:
 
     async def model_last_live(self, model: str) -> float | None:
         """Return the time of the last heartbeat for ``model``, or None if never seen."""
-        with _redis_errors("HGET"):
+        with self._command("HGET"):
             raw = await self._client.hget(self.models_key, model)
         return None if raw is None else float(raw)
 
     async def now(self) -> float:
         """Return Redis ``TIME`` in Unix seconds."""
-        with _redis_errors("TIME"):
+        with self._command("TIME"):
             reply = await self._client.time()
         return _unix_time(reply)
 
@@ -242,7 +243,7 @@ class RedisRegistry:
         """Remove ended leases in batches of REAP_BATCH; return the endpoints removed."""
         total = 0
         for _ in range(_REAP_MAX_BATCHES):
-            with _redis_errors("reap script"):
+            with self._command("reap script"):
                 removed, handled = await self._reap(
                     keys=[self.providers_key, self.expiry_key],
                     args=[self.events_channel, REAP_BATCH],
@@ -256,22 +257,91 @@ class RedisRegistry:
 
     async def ping(self) -> None:
         """Send PING; raise RegistryUnavailable when Redis is unreachable or times out."""
-        with _redis_errors("PING"):
+        with self._command("PING"):
             await self._client.ping()
 
     async def aclose(self) -> None:
-        """Close the client and its connection pool."""
+        """Close the client and its connection pool, then the Sentinel clients, if any."""
         await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     async def _read_all(self) -> tuple[float, list[ProviderEntry]]:
-        """Read the whole providers hash and the clock in one round trip."""
-        with _redis_errors("HGETALL"):
+        """Return Redis ``TIME`` and every entry as stored, in one round trip (HGETALL)."""
+        with self._command("HGETALL"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self.providers_key)
                 pipe.time()
                 raw_entries, time_reply = await pipe.execute()
         decoded = (self._decode_or_warn(_text(k), v) for k, v in _sorted_items(raw_entries))
         return _unix_time(time_reply), [e for e in decoded if e is not None]
+
+    async def read_snapshot(self) -> tuple[float, list[ProviderEntry], dict[str, float]]:
+        """Return Redis ``TIME``, every entry as stored and each model's last live time.
+
+        One round trip: HGETALL of the providers and the models hashes, and TIME.
+        """
+        with self._command("HGETALL"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self.providers_key)
+                pipe.hgetall(self.models_key)
+                pipe.time()
+                raw_entries, raw_models, time_reply = await pipe.execute()
+        decoded = (self._decode_or_warn(_text(k), v) for k, v in _sorted_items(raw_entries))
+        models: dict[str, float] = {}
+        for model, last_live in raw_models.items():
+            try:
+                models[_text(model)] = float(last_live)
+            except ValueError:
+                continue
+        return _unix_time(time_reply), [e for e in decoded if e is not None], models
+
+    async def read_entry(self, pubkey: str) -> tuple[float, ProviderEntry | None]:
+        """Return Redis ``TIME`` and the key's entry as stored, in one round trip (HGET)."""
+        with self._command("HGET"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hget(self.providers_key, pubkey)
+                pipe.time()
+                raw, time_reply = await pipe.execute()
+        entry = None if raw is None else self._decode_or_warn(pubkey, raw)
+        return _unix_time(time_reply), entry
+
+    async def read_entries(
+        self, pubkeys: Sequence[str]
+    ) -> tuple[float, dict[str, ProviderEntry | None]]:
+        """Return Redis ``TIME`` and each key's entry as stored, in one round trip (HMGET)."""
+        with self._command("HMGET"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hmget(self.providers_key, list(pubkeys))
+                pipe.time()
+                raw_values, time_reply = await pipe.execute()
+        entries = {
+            key: None if raw is None else self._decode_or_warn(key, raw)
+            for key, raw in zip(pubkeys, raw_values, strict=True)
+        }
+        return _unix_time(time_reply), entries
+
+    def events(
+        self, *, timeout_s: float, monotonic: Callable[[], float] = time.monotonic
+    ) -> EventSubscription:
+        """Return an unopened subscription to the events channel, on its own connection.
+
+        ``timeout_s`` bounds subscribing; each read waits as long as its caller specifies.
+        """
+        return EventSubscription(
+            self._client.pubsub(), self.events_channel, timeout_s=timeout_s, monotonic=monotonic
+        )
+
+    @contextmanager
+    def _command(self, operation: str) -> Iterator[None]:
+        """Translate errors like ``redis_errors`` and record whether Redis replied."""
+        try:
+            with redis_errors(operation):
+                yield
+        except RegistryUnavailable:
+            self._reachable = False
+            raise
+        self._reachable = True
 
     def _decode_or_warn(self, pubkey: str, raw: bytes | str) -> ProviderEntry | None:
         """Decode an entry, or warn once per key and return None when it is malformed.

@@ -46,6 +46,8 @@ def normalize_pubkey(raw: str) -> str:
     key = _WHITESPACE.sub("", raw).lower()
     if len(key) == 130 and key.startswith("04"):
         key = key[2:]
+    if not key:
+        raise InvalidPublicKey("the public key is empty")
     if _HEX.fullmatch(key) is None:
         raise InvalidPublicKey("a public key must contain hex characters only")
     if len(key) not in (64, 128):

@@ -43,7 +43,7 @@ def beat(url: str = URL_1, *, ttl_s: float = 60.0, instance_id: str = "inst-1") 
 
 @pytest.fixture
 async def registry(redis_url: str) -> AsyncIterator[RedisRegistry]:
-    opened = open_registry(redis_url)
+    opened = open_registry(redis_url, snapshot=False)
     assert isinstance(opened, RedisRegistry)
     yield opened
     await opened.aclose()
@@ -378,7 +378,9 @@ async def test_cancelled_lookup_leaves_no_stale_reply(registry: RedisRegistry) -
 
 
 async def test_unavailable_when_nothing_listens(unused_tcp_port: int) -> None:
-    registry = open_registry(f"redis://127.0.0.1:{unused_tcp_port}/0", timeout_s=0.5)
+    registry = open_registry(
+        f"redis://127.0.0.1:{unused_tcp_port}/0", timeout_s=0.5, snapshot=False
+    )
     try:
         started = time.monotonic()
         with pytest.raises(RegistryUnavailable):
@@ -400,7 +402,7 @@ async def test_unavailable_when_server_is_silent() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
-        registry = open_registry(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+        registry = open_registry(f"redis://127.0.0.1:{port}/0", timeout_s=0.2, snapshot=False)
         try:
             started = time.monotonic()
             with pytest.raises(RegistryUnavailable) as caught:

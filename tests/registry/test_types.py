@@ -163,7 +163,7 @@ def test_open_registry_memory_scheme() -> None:
 
 @pytest.mark.parametrize("url", ["redis://192.0.2.1:6379/0", "rediss://192.0.2.1:6380/0"])
 async def test_open_registry_redis_schemes(url: str) -> None:
-    registry = open_registry(url)
+    registry = open_registry(url, snapshot=False)
     try:
         assert isinstance(registry, RedisRegistry)
     finally:
@@ -171,7 +171,7 @@ async def test_open_registry_redis_schemes(url: str) -> None:
 
 
 async def test_open_registry_uses_prefix() -> None:
-    registry = open_registry("redis://192.0.2.1:6379/0", prefix="gw2")
+    registry = open_registry("redis://192.0.2.1:6379/0", prefix="gw2", snapshot=False)
     try:
         assert isinstance(registry, RedisRegistry)
         assert registry.providers_key == "gw2:providers"
@@ -180,7 +180,7 @@ async def test_open_registry_uses_prefix() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://user:s3cret@192.0.2.1/", "redis+sentinel://u:s3cret@192.0.2.1/m", "memory"]
+    "url", ["http://user:s3cret@192.0.2.1/", "valkey://u:s3cret@192.0.2.1/m", "memory"]
 )
 def test_open_registry_unknown_scheme_names_accepted(url: str) -> None:
     with pytest.raises(ValueError, match="memory://, redis://, rediss://") as caught:
