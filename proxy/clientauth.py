@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from proxy.auth import TokenFileError
-from proxy.errors import RateLimited
+from proxy.errors import ConcurrencyLimited, TooManyFailedAuth
 
 __all__ = ["ConcurrencyLimiter", "FailedAuthLimiter", "hash_client_key", "load_client_keys"]
 
@@ -58,7 +58,7 @@ def load_client_keys(path: str) -> dict[str, str]:
 
 
 class ConcurrencyLimiter:
-    """Caps the requests in flight per client; over the cap raises RateLimited."""
+    """Caps the requests in flight per client; over the cap raises ConcurrencyLimited."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
@@ -68,10 +68,9 @@ class ConcurrencyLimiter:
     def slot(self, client: str) -> Iterator[None]:
         current = self._in_flight.get(client, 0)
         if current >= self._cap:
-            raise RateLimited(
+            raise ConcurrencyLimited(
                 f"This API key already has {current} requests in flight, the limit. "
                 "Retry when one of them has finished.",
-                code="concurrency_limit",
                 retry_after_s=1,
             )
         self._in_flight[client] = current + 1
@@ -103,14 +102,13 @@ class FailedAuthLimiter:
         self._failures: dict[str, deque[float]] = {}
 
     def check(self, source: str | None) -> None:
-        """Raise RateLimited when ``source`` reached the limit within the window."""
+        """Raise TooManyFailedAuth when ``source`` reached the limit within the window."""
         failures = self._recent(source)
         if failures is not None and len(failures) >= self._limit:
             retry_after = max(1, int(failures[0] + self._window_s - self._clock()) + 1)
-            raise RateLimited(
+            raise TooManyFailedAuth(
                 f"Too many failed token attempts from this address. Retry in {retry_after} s "
                 "with a valid token.",
-                code="too_many_failed_auth",
                 retry_after_s=retry_after,
             )
 

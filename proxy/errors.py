@@ -17,8 +17,9 @@ classes by ``error_middleware``, in the OpenAI envelope
     ├── Conflict                    409 code=conflict
     ├── Gone                        410 code=instance_retired
     ├── RequestTooLarge             413 code=request_too_large
-    ├── RateLimited                 429 rate_limit_exceeded (concurrency_limit,
-    │                                   too_many_failed_auth), Retry-After
+    ├── RateLimited                 429 rate_limit_exceeded, Retry-After
+    │   ├── ConcurrencyLimited      429 code=concurrency_limit
+    │   └── TooManyFailedAuth       429 code=too_many_failed_auth
     ├── StaleKey                    421 provider_error (exact message, code null)
     ├── ProviderUnavailable         502 bad_gateway (exact message, code null)
     ├── ServiceUnavailable          503 service_unavailable
@@ -40,6 +41,7 @@ import orjson
 __all__ = [
     "STALE_KEY_MESSAGE",
     "UNAVAILABLE_MESSAGE",
+    "ConcurrencyLimited",
     "Conflict",
     "Forbidden",
     "GatewayError",
@@ -59,6 +61,7 @@ __all__ = [
     "ServiceUnavailable",
     "ShuttingDown",
     "StaleKey",
+    "TooManyFailedAuth",
     "Unauthorized",
     "UpstreamTimeout",
     "error_body",
@@ -194,8 +197,18 @@ class RateLimited(GatewayError):
     type = "rate_limit_exceeded"
     outcome = "rate_limited"
 
-    def __init__(self, message: str, *, code: str, retry_after_s: int) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ConcurrencyLimited(RateLimited):
+    code = "concurrency_limit"
+    outcome = "concurrency_limit"
+
+
+class TooManyFailedAuth(RateLimited):
+    code = "too_many_failed_auth"
+    outcome = "too_many_failed_auth"
 
 
 class StaleKey(GatewayError):

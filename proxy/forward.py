@@ -13,6 +13,7 @@ nowhere else into ``proxy.errors`` classes or stream outcomes.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import random
 import time
@@ -40,9 +41,16 @@ MAX_ATTEMPTS = 3
 _PROVIDER_FAILURE_STATUSES = frozenset({500, 502, 504})
 _UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
 
+# A non-streaming answer up to this size is read whole and sent with Content-Length;
+# a larger one is relayed as it arrives, so memory per request stays bounded.
+HELD_BODY_LIMIT = 8 * 1024 * 1024
+
 # Bytes held while waiting for the first complete event. A first event larger than
 # this is relayed without inspection rather than buffered without bound.
 FIRST_EVENT_HOLD_LIMIT = 1024 * 1024
+
+# Request bodies above this size are sent to the provider from a file-like object.
+_LARGE_BODY_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -77,7 +85,8 @@ class _ProviderFailure(Exception):
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
-        """Bounded label for metrics: connect_error, upstream_status, error_event, incomplete."""
+        """Bounded metrics label: connect_error, bad_response, upstream_status, error_event,
+        incomplete."""
         self.counts_as_failure = counts_as_failure
         self.closed_before_response = closed_before_response
         """The connection closed before any response byte: maybe a pooled one gone stale."""
@@ -90,6 +99,8 @@ class _Held:
     upstream: aiohttp.ClientResponse
     streaming: bool
     buffered: bytes = b""
+    event_stream: bool = True
+    """With ``streaming``: an SSE stream (False: a large body relayed as it arrives)."""
 
 
 class Forwarder:
@@ -178,6 +189,7 @@ class Forwarder:
                     # whether the connection was pooled, so a provider that closes fresh
                     # connections at once also gets this one free retry.
                     replaced_stale_connection = True
+                    self._metrics.upstream_retries.labels("stale_connection").inc()
                     exchange.attempts -= 1
                     tried.pop()
                     continue
@@ -202,6 +214,7 @@ class Forwarder:
                     failure.reason,
                     target.url,
                 )
+                self._metrics.upstream_retries.labels(failure.kind).inc()
                 await self._backoff(exchange.attempts, same_target=len(set(tried)) == len(targets))
             finally:
                 self._balancer.finished(target)
@@ -229,7 +242,7 @@ class Forwarder:
                 upstream = await self._session.request(
                     request.method,
                     target.url + request.rel_url.path_qs,
-                    data=body or None,
+                    data=_request_payload(body),
                     headers=headers,
                     allow_redirects=False,
                     timeout=self._connect_timeout,
@@ -240,7 +253,9 @@ class Forwarder:
                 upstream.close()
             raise _ProviderFailure(
                 _describe_client_error(exc),
-                kind="connect_error",
+                kind="bad_response"
+                if isinstance(exc, aiohttp.ClientResponseError)
+                else "connect_error",
                 closed_before_response=upstream is None and _is_closed_connection(exc),
             ) from exc
         except TimeoutError:
@@ -282,7 +297,7 @@ class Forwarder:
 
         is_sse = upstream.content_type == "text/event-stream"
         if not (stream and is_sse and status == 200):
-            return _Held(upstream, streaming=False, buffered=await upstream.read())
+            return await self._hold_body(upstream)
 
         buffer = bytearray()
         while len(buffer) <= FIRST_EVENT_HOLD_LIMIT:
@@ -311,6 +326,17 @@ class Forwarder:
             break
         return _Held(upstream, streaming=True, buffered=bytes(buffer))
 
+    async def _hold_body(self, upstream: aiohttp.ClientResponse) -> _Held:
+        """Read a whole body, or its first HELD_BODY_LIMIT bytes to relay the rest as it comes."""
+        body = bytearray()
+        while True:
+            chunk = await upstream.content.readany()
+            if not chunk:
+                return _Held(upstream, streaming=False, buffered=bytes(body))
+            body += chunk
+            if len(body) > HELD_BODY_LIMIT:
+                return _Held(upstream, streaming=True, buffered=bytes(body), event_stream=False)
+
     async def _relay_body(self, held: _Held, exchange: Exchange) -> web.StreamResponse:
         upstream = held.upstream
         exchange.bytes_out = len(held.buffered)
@@ -321,11 +347,16 @@ class Forwarder:
     async def _relay_stream(
         self, request: web.Request, held: _Held, exchange: Exchange
     ) -> web.StreamResponse:
-        """Relay an SSE stream read by read; failures end it with one error event."""
+        """Relay a stream read by read; failures end an SSE stream with one error event.
+
+        A large non-SSE body that fails is cut off without its last chunk, so the client
+        sees an incomplete response rather than a complete-looking one.
+        """
         upstream = held.upstream
         headers = filter_response_headers(upstream.headers)
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"
+        if held.event_stream:
+            headers["Cache-Control"] = "no-cache"
+            headers["X-Accel-Buffering"] = "no"
         response = web.StreamResponse(status=upstream.status, headers=headers)
         tail = held.buffered[-4:]
         failure: str | None = None
@@ -356,14 +387,18 @@ class Forwarder:
                     failure = "upstream_reset"
                     break
                 if not chunk:
-                    if not sse.ends_at_event_boundary(tail):
+                    if held.event_stream and not sse.ends_at_event_boundary(tail):
                         failure = "upstream_incomplete"
                     break
                 await response.write(chunk)
                 exchange.bytes_out += len(chunk)
-                tail = (tail + chunk)[-4:]
+                tail = (tail + chunk[-4:])[-4:]
 
-            if failure is not None:
+            if failure is not None and not held.event_stream:
+                upstream.close()
+                exchange.outcome = exchange.stream_failure = failure
+                request.protocol.force_close()
+            elif failure is not None:
                 upstream.close()
                 await self._end_with_error(response, failure, tail, exchange)
             else:
@@ -440,6 +475,16 @@ def _failure_frame(failure: str, tail: bytes) -> bytes:
     return prefix + sse.error_frame(_FAILURE_MESSAGES[failure], failure)
 
 
+def _request_payload(body: bytes) -> bytes | io.BytesIO | None:
+    """Return the upstream request body in the form aiohttp sends without an extra copy."""
+    if len(body) <= _LARGE_BODY_BYTES:
+        return body or None
+    # aiohttp writes a bytes body in one piece, so the transport copies whatever the
+    # socket does not take at once (and aiohttp warns above 1 MiB); a file-like body
+    # goes out 64 KiB at a time. A new BytesIO per attempt: a retry sends it again.
+    return io.BytesIO(body)
+
+
 def _is_closed_connection(exc: aiohttp.ClientError) -> bool:
     """Return whether an established connection was closed or reset (not a connect failure)."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -458,4 +503,8 @@ def _describe_client_error(exc: BaseException) -> str:
         return "provider closed the connection before answering"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect timed out"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # The parser's message quotes raw header bytes over several lines; keep the first.
+        first_line = str(exc.message).splitlines()[0] if exc.message else ""
+        return f"invalid HTTP response from the provider: {first_line[:200]}"
     return f"{type(exc).__name__}: {exc}"

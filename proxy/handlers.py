@@ -20,7 +20,7 @@ from proxy.errors import (
     StaleKey,
 )
 from proxy.headers import upstream_request_headers, validate_e2ee_headers
-from proxy.logs import RateLimiter
+from proxy.logs import RateLimiter, printable
 from proxy.routing import Target, targets_for_key, targets_for_model
 from registry import base as registry_base
 
@@ -92,7 +92,8 @@ def _parse_body(body: bytes) -> tuple[str, bool]:
     try:
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
+        where = f" (at line {exc.lineno}, column {exc.colno})" if body else " (the body is empty)"
+        raise InvalidJson(f"The request body is not valid JSON{where}.") from None
     if not isinstance(decoded, dict):
         raise InvalidJson("The request body must be a JSON object.")
     model = decoded.get("model")
@@ -116,11 +117,12 @@ async def _pinned_targets(gateway: Gateway, pubkey: str, model: str) -> list[Tar
         prefix = pubkey[:16]
         allowed, suppressed = _stale_key_log.allow(prefix)
         if allowed:
+            repeats = f" ({suppressed} more since the last line)" if suppressed else ""
             logger.warning(
-                "stale key %s... for model %s: no live provider holds it (%d more since last line)",
+                "stale key %s... for model %s: no live provider holds it%s",
                 prefix,
-                model[:100],
-                suppressed,
+                printable(model),
+                repeats,
             )
         raise StaleKey()
     return targets
@@ -206,14 +208,17 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """Return 200 while the registry answers and the gateway is not draining, else 503."""
+    """Return 200 unless the gateway is draining or the registry is past its outage grace.
+
+    A registry unreachable for less than GATEWAY_REGISTRY_OUTAGE_GRACE_S keeps the
+    replica ready: its snapshot still serves, and a shared Redis outage must not empty
+    the load balancer.
+    """
     gateway = request.app[GATEWAY]
     request[EXCHANGE].route = "readyz"
     if gateway.draining:
         return web.json_bytes_response({"status": "draining"}, status=503, dumps=orjson.dumps)
-    try:
-        await gateway.registry.ping()
-    except registry_base.RegistryUnavailable:
+    if not gateway.registry.ready:
         return web.json_bytes_response(
             {"status": "registry_unavailable"}, status=503, dumps=orjson.dumps
         )

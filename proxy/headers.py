@@ -52,12 +52,16 @@ HOP_BY_HOP = frozenset(
 
 # Request headers that never reach a provider, on top of the hop-by-hop set. The
 # gateway sets Host, Content-Length, X-Forwarded-* and Accept-Encoding itself, and the
-# client's Authorization is replaced by the configured upstream token, if any.
+# client's Authorization is replaced by the configured upstream token, if any. The
+# gateway handles Expect itself and has read the whole body before it connects.
+# Forwarding "100-continue" would make aiohttp hold the body back until the provider
+# sends 100 Continue, which not every provider does (RFC 9110 §10.1.1).
 _REQUEST_DROPPED = HOP_BY_HOP | {
     name.lower()
     for name in (
         "Host",
         "Content-Length",
+        "Expect",
         "Proxy-Authorization",
         "Authorization",
         "Accept-Encoding",

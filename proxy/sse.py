@@ -41,7 +41,7 @@ def _is_data_line(line: bytes) -> bool:
     return line == b"data" or line.startswith(b"data:")
 
 
-def _event_data(block: bytes) -> bytes:
+def event_data(block: bytes) -> bytes:
     parts = []
     for line in _LINE.split(block):
         if _is_data_line(line):
@@ -56,7 +56,7 @@ def upstream_error_in_event(block: bytes) -> tuple[int, bytes] | None:
     The status is the error's numeric ``code`` when it is 400-599, else 502. The body
     is the event's JSON exactly as the provider sent it.
     """
-    data = _event_data(block)
+    data = event_data(block)
     if not data.lstrip().startswith(b"{"):
         return None
     try:
@@ -67,7 +67,9 @@ def upstream_error_in_event(block: bytes) -> tuple[int, bytes] | None:
         return None
 
     code = decoded["error"].get("code")
-    if isinstance(code, str) and code.isdigit():
+    # str.isdigit() also accepts digits that int() rejects ("²") or reads as another
+    # number ("٥٠٣"), and int() rejects strings over 4300 digits: a status is 3 ASCII digits.
+    if isinstance(code, str) and len(code) == 3 and code.isascii() and code.isdigit():
         code = int(code)
     status = code if isinstance(code, int) and 400 <= code <= 599 else 502
     return status, data
