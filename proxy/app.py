@@ -125,7 +125,11 @@ class Gateway:
                 settings.registry_url,
                 prefix=settings.redis_prefix,
                 timeout_s=settings.redis_timeout_s,
+                outage_grace_s=settings.registry_outage_grace_s,
             )
+        # Loads the snapshot of a Redis registry; never raises while Redis is down, so
+        # the gateway starts not ready and becomes ready when Redis answers.
+        await self._registry.start()
         # One provider that accepts connections and never answers can hold at most
         # max_connections_per_provider of them; requests to other providers never queue.
         connector = aiohttp.TCPConnector(
@@ -215,7 +219,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     gateway.requests_in_flight += 1
     gateway.busy_connections.add(request.protocol)
     gateway.idle.clear()
-    gateway.metrics.in_flight.inc()
+    # Probes and scrapes stay out of the gauge, so that it reads 0 on an idle gateway.
+    gauged = request.path not in _ALWAYS_SERVED
+    if gauged:
+        gateway.metrics.in_flight.inc()
     status = 500
     try:
         response = await handler(request)
@@ -230,25 +237,39 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         gateway.requests_in_flight -= 1
         gateway.busy_connections.discard(request.protocol)
-        gateway.metrics.in_flight.dec()
+        if gauged:
+            gateway.metrics.in_flight.dec()
         if gateway.requests_in_flight == 0:
             gateway.idle.set()
         _record(request, exchange, status)
 
 
+def _loggable_path(request: web.Request) -> str | None:
+    # Deregistration paths carry a full public key; logs keep its first 16 hex characters.
+    pubkey = request.match_info.get("pubkey")
+    if pubkey is not None:
+        return request.path.replace(pubkey, pubkey[:16] + "...")
+    return printable(request.path, 200)
+
+
 def _record(request: web.Request, exchange: Exchange, status: int) -> None:
     duration_ms = (time.monotonic() - exchange.started) * 1000
     route = exchange.route or "unmatched"
-    gateway = request.app[GATEWAY]
-    gateway.metrics.requests.labels(route, str(status), exchange.outcome).inc()
-    if exchange.ttft_ms is not None:
-        gateway.metrics.time_to_first_byte.observe(exchange.ttft_ms / 1000)
-    if exchange.stream_failure is not None:
-        gateway.metrics.stream_failures.labels(exchange.stream_failure).inc()
+    request.app[GATEWAY].metrics.record_request(
+        route=route,
+        status=status,
+        outcome=exchange.outcome,
+        model=exchange.model,
+        routed=exchange.provider is not None,
+        duration_s=duration_ms / 1000,
+        # Only a relayed stream sets ttft_ms, so it also marks the request as a stream.
+        ttft_s=None if exchange.ttft_ms is None else exchange.ttft_ms / 1000,
+        stream_failure=exchange.stream_failure,
+    )
     fields = {
         "request_id": exchange.request_id,
         "method": request.method,
-        "path": printable(request.path, 200),
+        "path": _loggable_path(request),
         "model": printable(exchange.model),
         "provider": exchange.provider,
         "status": status,
@@ -272,12 +293,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error: GatewayError = exc
     except web.HTTPException as exc:
         error = _from_http_exception(request, exc)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, OSError) and request.transport is None:
+            return _client_gone(request, exc)
         logger.exception("unexpected error in %s %s", request.method, request.path)
         error = GatewayError("The gateway failed to process the request.", code="internal_error")
+    response = error_response(error)
     if exchange is not None:
         exchange.outcome = error.outcome
-    return error_response(error)
+        exchange.bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
+    return response
+
+
+def _client_gone(request: web.Request, exc: OSError) -> web.Response:
+    # The admin listener does not cancel handlers, so a client that closes the
+    # connection while its body is read shows up as the OSError of request.read().
+    # Nobody is left to answer: that is a disconnect, not an error.
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        exchange.outcome = "client_disconnect"
+    logger.info(
+        "client disconnected during %s %s: %s",
+        request.method,
+        printable(request.path, 200),
+        exc,
+    )
+    # 499 as in nginx's logs; the response is never sent.
+    return web.Response(status=499)
 
 
 _ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})

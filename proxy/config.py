@@ -62,6 +62,13 @@ def _duration(raw: str) -> float:
     return _positive(float(raw))
 
 
+def _non_negative_duration(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _count(raw: str) -> int:
     return int(_positive(int(raw)))
 
@@ -91,7 +98,11 @@ def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
 class Settings:
     """The gateway's configuration; build it with ``Settings.from_env``."""
 
-    registry_url: str = _setting("memory://", str, "registry URL: memory://, redis://, rediss://")
+    registry_url: str = _setting(
+        "memory://",
+        str,
+        "registry URL: memory://, redis://, rediss://, redis+sentinel://host:port[,...]/service",
+    )
     redis_prefix: str = _setting("e2ee", str, "prefix of every Redis key")
     redis_timeout_s: float = _setting(0.5, _duration, "Redis connect and command timeout")
     registry_outage_grace_s: float = _setting(
@@ -145,7 +156,9 @@ class Settings:
     )
     max_body_bytes: int = _setting(32 * 1024 * 1024, _count, "largest request body accepted")
 
-    drain_delay_s: float = _setting(5.0, _duration, "serve normally this long after SIGTERM")
+    drain_delay_s: float = _setting(
+        5.0, _non_negative_duration, "serve normally this long after SIGTERM"
+    )
     shutdown_grace_s: float = _setting(60.0, _duration, "streams may finish this long")
     signature_ttl_s: float = _setting(1200.0, _duration, "how long completion ids are kept")
     client_concurrency: int | None = _setting(
@@ -230,5 +243,9 @@ def flag_help() -> list[tuple[str, str, str]]:
     rows = []
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
-        rows.append((flag, env_name(field.name), field.metadata["help"]))
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(str(item) for item in default) or None
+        shown = "unset" if default is None else default
+        rows.append((flag, env_name(field.name), f"{field.metadata['help']}; default {shown}"))
     return rows

@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from proxy.app import Gateway, create_admin_app, create_public_app
-from proxy.config import Settings
-from registry import Registry
+from proxy.app import GATEWAY, Gateway, create_admin_app, create_public_app
+from proxy.config import Settings, describe
+from proxy.logs import HttpServerLogger
+from proxy.metrics import refresh_provider_gauges_forever
+from registry import Registry, redact_url
 
 __all__ = ["RunningGateway", "start_gateway"]
 
 logger = logging.getLogger(__name__)
+
+PROVIDER_GAUGES_INTERVAL_S = 5.0
+"""Default period of the live provider and key gauges' refresh from the registry."""
+
+DRAIN_PROGRESS_INTERVAL_S = 5.0
+"""While requests finish after SIGTERM, one progress line is logged this often."""
+
+_SERVER_OPTIONS: dict[str, Any] = {
+    # Request bodies are relayed byte for byte: a Content-Encoding the client sent
+    # must still describe the bytes the provider receives, so aiohttp must not
+    # decompress them (a compressed body then has no readable model: 400).
+    "auto_decompress": False,
+    # Requests that aiohttp's parser rejects are logged in one line, not a traceback.
+    "logger": HttpServerLogger(),
+    # After an early answer such as 413, aiohttp reads and discards the unread body for
+    # lingering_time (10 s by default) before it closes the connection.
+    "lingering_time": 0.5,
+}
+# Listen backlog: aiohttp's default of 128 overflows when hundreds of clients connect
+# at once, and the kernel then drops SYNs that the clients resend only after 1 s.
+_LISTEN_BACKLOG = 1024
 
 
 @dataclass(slots=True)
@@ -60,8 +86,9 @@ class RunningGateway:
         # 2. Keep serving while the load balancers notice.
         await asyncio.sleep(settings.drain_delay_s)
 
-        # 3. Stop accepting connections and close idle keep-alive ones. A request that
-        #    still arrives on an open connection gets 503 shutting_down.
+        # 3. Stop accepting connections and close idle keep-alive ones; busy ones close
+        #    after their response, which carries Connection: close if not yet sent. A
+        #    request that races the close still gets 503 shutting_down.
         gateway.refusing_requests = True
         for runner in (self.public_runner, self.admin_runner):
             for site in list(runner.sites):
@@ -81,7 +108,7 @@ class RunningGateway:
         # 4. Let requests in flight finish, up to the grace period.
         try:
             async with asyncio.timeout(settings.shutdown_grace_s):
-                await gateway.idle.wait()
+                await _wait_idle_logging_progress(gateway)
         except TimeoutError:
             # 5. End the streams still open with the shutting_down error event.
             aborted = gateway.forwarder.abort_streams()
@@ -105,39 +132,84 @@ def _close_idle_connections(server: web.Server, busy: set[asyncio.BaseProtocol])
     open but unread until ``shutdown()``, so a request sent on it would hang.
     """
     for connection in server.connections:
-        if connection in busy:
+        if connection in busy or _is_writing(connection):
             connection.close()
         else:
             connection.force_close()
 
 
-async def start_gateway(settings: Settings, *, registry: Registry | None = None) -> RunningGateway:
+def _is_writing(connection: web.RequestHandler) -> bool:
+    # A Response body is written after the middlewares have returned, so the request
+    # has left ``busy`` while its bytes may still wait in the transport's buffer.
+    transport = connection.transport
+    return transport is not None and transport.get_write_buffer_size() > 0
+
+
+async def _wait_idle_logging_progress(gateway: Gateway) -> None:
+    """Return when no request is in flight, logging the count every few seconds."""
+    while True:
+        try:
+            async with asyncio.timeout(DRAIN_PROGRESS_INTERVAL_S):
+                await gateway.idle.wait()
+        except TimeoutError:
+            logger.info(
+                "draining: %d request(s) still in flight, %d of them streams",
+                gateway.requests_in_flight,
+                gateway.forwarder.streams_in_flight,
+            )
+        else:
+            return
+
+
+async def start_gateway(
+    settings: Settings,
+    *,
+    registry: Registry | None = None,
+    provider_gauges_interval_s: float = PROVIDER_GAUGES_INTERVAL_S,
+) -> RunningGateway:
     """Open the gateway and bind both listeners; port 0 picks a free port.
 
     ``registry`` injects an already open registry that the caller keeps and closes.
+    ``provider_gauges_interval_s`` is the period of the live provider gauges' refresh.
     """
+    logger.info(
+        "starting with %s", _settings_line(settings), extra={"settings": _loggable(settings)}
+    )
     gateway = Gateway(settings, registry=registry)
+    public_app = create_public_app(gateway)
+    _add_telemetry(public_app, provider_gauges_interval_s)
+    public_app.on_response_prepare.append(_close_after_drain_delay)
 
     # handler_cancellation: a client that disconnects cancels its handler, which closes
     # the upstream connection; aiohttp leaves it off by default since 3.9.
     # shutdown_timeout: drain_and_stop() has already waited for requests in flight,
     # so cleanup() gives the rest one second before cancelling them.
     public_runner = web.AppRunner(
-        create_public_app(gateway),
+        public_app,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=1.0,
+        **_SERVER_OPTIONS,
     )
     await public_runner.setup()
-    public_site = web.TCPSite(public_runner, settings.host, settings.port)
-    await public_site.start()
+    public_site = web.TCPSite(
+        public_runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG
+    )
+    try:
+        await public_site.start()
+    except OSError:
+        await public_runner.cleanup()  # closes the registry and session it opened
+        raise
 
-    admin_runner = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
+    admin_runner = web.AppRunner(
+        create_admin_app(gateway), access_log=None, shutdown_timeout=1.0, **_SERVER_OPTIONS
+    )
     await admin_runner.setup()
     admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
     try:
         await admin_site.start()
     except OSError:
+        await admin_runner.cleanup()
         await public_runner.cleanup()
         raise
 
@@ -158,3 +230,59 @@ def _bound_port(runner: web.AppRunner) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     raise RuntimeError("the listener has no TCP address")
+
+
+def _add_telemetry(app: web.Application, gauges_interval_s: float) -> None:
+    """Connect the computed metrics to the gateway once its cleanup_ctx has opened it."""
+
+    async def telemetry(app: web.Application) -> AsyncIterator[None]:
+        gateway = app[GATEWAY]
+        metrics = gateway.metrics
+        metrics.streams_in_flight.set_function(lambda: gateway.forwarder.streams_in_flight)
+        metrics.draining.set_function(lambda: int(gateway.draining))
+        # Backends without a ``stats`` attribute export nothing here.
+        metrics.export_registry_stats(lambda: getattr(gateway.registry, "stats", None))
+        refresher = asyncio.create_task(
+            refresh_provider_gauges_forever(metrics, lambda: gateway.registry, gauges_interval_s),
+            name="provider-gauges",
+        )
+        yield
+        refresher.cancel("gateway closing")
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+
+    app.cleanup_ctx.append(telemetry)
+
+
+async def _close_after_drain_delay(request: web.Request, response: web.StreamResponse) -> None:
+    # Once the drain delay is over, every response carries Connection: close, so the
+    # client (or the load balancer) sends its next request on a new connection, which
+    # reaches another replica.
+    if request.app[GATEWAY].refusing_requests:
+        response.headers["Connection"] = "close"
+        response.force_close()
+
+
+def _loggable(settings: Settings) -> dict[str, Any]:
+    """Return the effective settings as JSON-friendly values, the registry URL redacted.
+
+    Token and key files appear by path only: their contents are never read here.
+    """
+    values: dict[str, Any] = {}
+    for name, value in describe(settings).items():
+        if name == "registry_url":
+            value = redact_url(value)
+        elif isinstance(value, tuple):
+            value = [str(item) for item in value]
+        elif isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            value = str(value)
+        values[name] = value
+    return values
+
+
+def _settings_line(settings: Settings) -> str:
+    parts = []
+    for name, value in _loggable(settings).items():
+        shown = ",".join(value) if isinstance(value, list) else value
+        parts.append(f"{name}={shown}")
+    return " ".join(parts)

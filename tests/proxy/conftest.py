@@ -8,7 +8,7 @@ they move directly, to expire leases without sleeping.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,12 @@ from gateway_harness import (
     DemoStarter,
     FakeClock,
     FakeStarter,
+    GatewayProcess,
     GatewayStarter,
     Reply,
     ScriptedProvider,
     SettingsFactory,
+    spawn_gateway,
 )
 
 from proxy.config import Settings
@@ -150,3 +152,27 @@ async def start_fake() -> AsyncIterator[FakeStarter]:
             return provider
 
         yield start
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, token_dir: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Return a starter of gateway child processes with both token files; kills leftovers."""
+    started: list[GatewayProcess] = []
+
+    def start(log_name: str = "gateway.log", **env: str) -> GatewayProcess:
+        base = {
+            "GATEWAY_PROVIDER_TOKENS_FILE": str(token_dir / "provider-tokens"),
+            "GATEWAY_ADMIN_TOKEN_FILE": str(token_dir / "admin-token"),
+            "GATEWAY_ALLOWED_PROVIDER_HOSTS": "127.0.0.1/32",
+            "GATEWAY_FIRST_BYTE_TIMEOUT_S": "5",
+            "GATEWAY_IDLE_TIMEOUT_S": "5",
+            # Scripted providers publish no attestation report.
+            "GATEWAY_REQUIRE_ATTESTATION_MATCH": "off",
+        }
+        process = spawn_gateway({**base, **env}, tmp_path / log_name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

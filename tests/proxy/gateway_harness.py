@@ -7,13 +7,19 @@ from here for their annotations.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import re
 import secrets
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -316,3 +322,100 @@ class DemoStarter(Protocol):
 
 class FakeStarter(Protocol):
     async def __call__(self, default: Reply | None = None) -> ScriptedProvider: ...
+
+
+# Gateway child processes (``python -m proxy``), for tests of signals and of whole runs.
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(r"listening: public [0-9.]+:(\d+), admin [0-9.]+:(\d+)")
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway child process on 127.0.0.1 whose stdout and stderr go to ``log_path``."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+    admin_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """Return the exit code; raise subprocess.TimeoutExpired after ``timeout_s``."""
+        return await asyncio.to_thread(self.popen.wait, timeout_s)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def spawn_gateway(env: dict[str, str], log_path: Path) -> GatewayProcess:
+    """Start ``python -m proxy`` with ``GATEWAY_*`` values on free 127.0.0.1 ports."""
+    full_env = {
+        **os.environ,
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_ADMIN_HOST": "127.0.0.1",
+        "GATEWAY_PORT": "0",
+        "GATEWAY_ADMIN_PORT": "0",
+        **env,
+    }
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "proxy"],
+            env=full_env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return GatewayProcess(popen, log_path)
+
+
+async def wait_listening(process: GatewayProcess, timeout_s: float = 10.0) -> None:
+    """Wait for the process's "listening" log line and take both ports from it."""
+
+    def listening() -> bool:
+        assert process.popen.poll() is None, f"gateway exited:\n{process.log()}"
+        return _LISTENING.search(process.log()) is not None
+
+    try:
+        await poll_until(listening, timeout_s=timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"gateway not listening:\n{process.log()}") from None
+    found = _LISTENING.search(process.log())
+    assert found is not None
+    process.port, process.admin_port = int(found[1]), int(found[2])
+
+
+async def poll_until(
+    check: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout_s: float = WAIT_S,
+    interval_s: float = 0.02,
+) -> None:
+    """Call ``check`` until it returns True; raise TimeoutError after ``timeout_s``.
+
+    For state that no event announces, such as another process's listener or metrics.
+    """
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(interval_s)
