@@ -1,7 +1,9 @@
 """``make run``: the gateway on memory://, one demo provider and its heartbeat agent.
 
 Starts three processes on 127.0.0.1, waits until the demo model is routable, prints
-curl commands to try, and stops everything on Ctrl-C (SIGINT) or SIGTERM.
+curl commands to try, and stops everything on Ctrl-C (SIGINT) or SIGTERM. The gateway
+logs to this terminal; the demo provider and the agent log to files in a temporary
+directory that also holds the run's tokens and is removed at the end.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +42,23 @@ def _wait_for(url: str, what: str, deadline_s: float, accept: str | None = None)
     raise SystemExit(f"{what} did not become ready within {deadline_s:.0f} s ({last_error})")
 
 
-def _start(name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    print(f"starting {name}: {' '.join(args[1:])}", flush=True)
+def _start(
+    name: str, args: list[str], env: dict[str, str], log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a child; its output goes to ``log`` when given, else to this terminal."""
+    where = f" (log: {log})" if log else ""
+    print(f"starting {name}: {' '.join(args[1:])}{where}", flush=True)
+    output = log.open("wb") if log else None
     # A session of its own keeps the terminal's Ctrl-C away from the child, so that
     # main() can stop the children in order: the agent deregisters while the gateway
     # still runs.
-    return subprocess.Popen(args, env=env, start_new_session=True)
+    try:
+        return subprocess.Popen(
+            args, env=env, start_new_session=True, stdout=output, stderr=output
+        )
+    finally:
+        if output is not None:
+            output.close()
 
 
 def main() -> int:
@@ -74,6 +88,9 @@ def main() -> int:
         GATEWAY_ADMIN_TOKEN_FILE=str(workdir / "admin-token"),
         # The demo provider runs on loopback, which provider URLs may not use by default.
         GATEWAY_ALLOWED_PROVIDER_HOSTS="127.0.0.1/32",
+        # No load balancer watches /readyz here, so Ctrl-C need not wait for one.
+        GATEWAY_DRAIN_DELAY_S="0",
+        GATEWAY_SHUTDOWN_GRACE_S="5",
     )
     python = sys.executable
     processes: list[subprocess.Popen[bytes]] = []
@@ -88,6 +105,7 @@ def main() -> int:
                 "demo provider",
                 [python, "-m", "proxy.demo", "--port", str(args.provider_port), "--model", MODEL],
                 env,
+                workdir / "provider.log",
             )
         )
         processes.append(_start("gateway", [python, "-m", "proxy"], env))
@@ -110,6 +128,7 @@ def main() -> int:
                     provider_url,
                 ],
                 env,
+                workdir / "agent.log",
             )
         )
         _wait_for(gateway_url + "/v1/models", "registration of the demo provider", 20, accept=MODEL)
@@ -139,6 +158,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        # The directory holds the tokens of this run and the children's logs.
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _instructions(gateway: str, admin: str, key: str, workdir: Path) -> str:
