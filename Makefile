@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ run: $(STAMP)
 ## test: the whole test suite (starts its own redis-server on a free port)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## bench: the gateway against nginx and a direct connection; writes docs/BENCHMARKS.md
+## (about 8 minutes; `make bench BENCH_ARGS=--quick` takes about 2). Needs nginx and wrk.
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy registry tests
