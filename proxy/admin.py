@@ -133,7 +133,10 @@ async def _check_attestation(gateway: Gateway, beat: Heartbeat) -> None:
         gateway.metrics.heartbeats.labels("attestation_failed").inc()
         logger.warning(
             "heartbeat from %s rejected: key %s... at %s not confirmed: %s",
-            beat.owner, beat.pubkey[:16], beat.url, exc,
+            beat.owner,
+            beat.pubkey[:16],
+            beat.url,
+            exc,
         )
         raise Conflict(
             f"The key could not be confirmed: {exc}. The provider must publish this key in "

@@ -26,6 +26,7 @@ from proxy.clientauth import (
     hash_client_key,
     load_client_keys,
 )
+from proxy.completions import CompletionRecorder
 from proxy.config import Settings
 from proxy.errors import (
     GatewayError,
@@ -97,6 +98,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
         self._attestation: AttestationChecker | None = None
+        self._recorder: CompletionRecorder | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     @property
@@ -146,6 +148,7 @@ class Gateway:
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._recorder = CompletionRecorder(self._registry, self.metrics, settings.signature_ttl_s)
         self._forwarder = Forwarder(
             self._session,
             self.balancer,
@@ -155,6 +158,7 @@ class Gateway:
             request_timeout_s=settings.request_timeout_s,
             retry_backoff_s=settings.retry_backoff_s,
             metrics=self.metrics,
+            on_completion=self._recorder.record,
         )
         self._attestation = AttestationChecker(
             self._session,
@@ -176,6 +180,8 @@ class Gateway:
             self._reaper.cancel("gateway closing")
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if self._recorder is not None:
+            await self._recorder.aclose()
         if self._session is not None:
             await self._session.close()
         if self._registry is not None and self._injected_registry is None:

@@ -17,7 +17,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import sse
+from proxy.completions import completion_id_from_body, completion_id_from_event
 from proxy.errors import ProviderUnavailable, UpstreamTimeout
 from proxy.headers import filter_response_headers
 from proxy.metrics import Metrics
@@ -101,6 +102,8 @@ class _Held:
     buffered: bytes = b""
     event_stream: bool = True
     """With ``streaming``: an SSE stream (False: a large body relayed as it arrives)."""
+    first_event: bytes = b""
+    """The first SSE event block, read from a copy of the buffered bytes."""
 
 
 class Forwarder:
@@ -117,10 +120,12 @@ class Forwarder:
         request_timeout_s: float,
         retry_backoff_s: float,
         metrics: Metrics,
+        on_completion: Callable[[str, Target, str], None] | None = None,
     ) -> None:
         self._session = session
         self._balancer = balancer
         self._metrics = metrics
+        self._on_completion = on_completion
         self._streams: dict[asyncio.Task[Any], Exchange] = {}
         self._aborting: set[asyncio.Task[Any]] = set()
         self._connect_timeout = aiohttp.ClientTimeout(
@@ -141,11 +146,15 @@ class Forwarder:
         pinned: bool,
         stream: bool,
         exchange: Exchange,
+        completion: bool = False,
     ) -> web.StreamResponse:
         """Send the request to one of ``targets`` and return the client's response.
 
-        Raises ProviderUnavailable after the last failed attempt and UpstreamTimeout
-        when the first-byte (streams) or total (other requests) timeout expires.
+        With ``completion``, the id of a successful answer is passed to the
+        ``on_completion`` callback before the answer is relayed, so that signature
+        fetches find its provider. Raises ProviderUnavailable after the last failed
+        attempt and UpstreamTimeout when the first-byte (streams) or total (other
+        requests) timeout expires.
         """
         tried: list[Target] = []
         replaced_stale_connection = False
@@ -172,6 +181,10 @@ class Forwarder:
                     self._metrics.upstream_attempts.labels("timeout").inc()
                     raise
                 self._metrics.upstream_attempts.labels("ok").inc()
+                if completion and self._on_completion is not None:
+                    chat_id = _completion_id(held)
+                    if chat_id is not None:
+                        self._on_completion(chat_id, target, exchange.model or "")
                 if held.streaming:
                     return await self._relay_stream(request, held, exchange)
                 return await self._relay_body(held, exchange)
@@ -300,6 +313,7 @@ class Forwarder:
             return await self._hold_body(upstream)
 
         buffer = bytearray()
+        found: tuple[int, bytes] | None = None
         while len(buffer) <= FIRST_EVENT_HOLD_LIMIT:
             chunk = await upstream.content.readany()
             if not chunk:
@@ -324,7 +338,8 @@ class Forwarder:
                 upstream.close()
                 raise _UpstreamErrorEvent(*error)
             break
-        return _Held(upstream, streaming=True, buffered=bytes(buffer))
+        first_event = found[1] if found is not None else b""
+        return _Held(upstream, streaming=True, buffered=bytes(buffer), first_event=first_event)
 
     async def _hold_body(self, upstream: aiohttp.ClientResponse) -> _Held:
         """Read a whole body, or its first HELD_BODY_LIMIT bytes to relay the rest as it comes."""
@@ -483,6 +498,17 @@ def _request_payload(body: bytes) -> bytes | io.BytesIO | None:
     # socket does not take at once (and aiohttp warns above 1 MiB); a file-like body
     # goes out 64 KiB at a time. A new BytesIO per attempt: a retry sends it again.
     return io.BytesIO(body)
+
+
+def _completion_id(held: _Held) -> str | None:
+    """Return the completion id of a successful answer, read from a copy of its bytes."""
+    if held.upstream.status != 200:
+        return None
+    if held.first_event:
+        return completion_id_from_event(held.first_event)
+    if not held.streaming:
+        return completion_id_from_body(held.buffered)
+    return None
 
 
 def _is_closed_connection(exc: aiohttp.ClientError) -> bool:

@@ -46,6 +46,9 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(path, handle_routed)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/v1/attestation/report", handle_attestation_report)
+    from proxy.signatures import handle_signature  # imports this module
+
+    app.router.add_get("/v1/signature/{chat_id}", handle_signature)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
 
@@ -70,11 +73,12 @@ async def handle_routed(request: web.Request) -> web.StreamResponse:
     return await gateway.forwarder.forward(
         request,
         body=body,
-        headers=_upstream_headers(request, gateway),
+        headers=upstream_headers(request, gateway),
         targets=targets,
         pinned=exchange.pinned,
         stream=stream,
         exchange=exchange,
+        completion=exchange.route != "embeddings",
     )
 
 
@@ -151,7 +155,8 @@ async def _model_targets(gateway: Gateway, model: str, signing_algo: str | None)
     )
 
 
-def _upstream_headers(request: web.Request, gateway: Gateway) -> CIMultiDict[str]:
+def upstream_headers(request: web.Request, gateway: Gateway) -> CIMultiDict[str]:
+    """Build the headers sent upstream for this request (see proxy.headers)."""
     return upstream_request_headers(
         request.headers,
         peer=request.remote,
@@ -194,7 +199,7 @@ async def handle_attestation_report(request: web.Request) -> web.StreamResponse:
     return await gateway.forwarder.forward(
         request,
         body=b"",
-        headers=_upstream_headers(request, gateway),
+        headers=upstream_headers(request, gateway),
         targets=targets,
         pinned=False,
         stream=False,

@@ -114,6 +114,12 @@ class Metrics:
             buckets=_STREAM_BUCKETS,
             registry=self.registry,
         )
+        self.completion_records = Counter(
+            "e2ee_gateway_completion_records",
+            "Completion id to provider records written for signature fetches, by result.",
+            ["result"],
+            registry=self.registry,
+        )
         self.registry_errors = Counter(
             "e2ee_gateway_registry_errors",
             "Registry calls that failed because the registry was unreachable.",

@@ -192,9 +192,7 @@ async def start_gateway(
         **_SERVER_OPTIONS,
     )
     await public_runner.setup()
-    public_site = web.TCPSite(
-        public_runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG
-    )
+    public_site = web.TCPSite(public_runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG)
     try:
         await public_site.start()
     except OSError:

@@ -73,6 +73,7 @@ from registry.snapshot import SnapshotRegistry, SnapshotStats
 from registry.types import (
     PUBKEY_HEX_LENGTH,
     SIGNING_ALGOS,
+    CompletionRecord,
     Endpoint,
     Heartbeat,
     HeartbeatOutcome,
@@ -86,6 +87,7 @@ from registry.types import (
 __all__ = [
     "PUBKEY_HEX_LENGTH",
     "SIGNING_ALGOS",
+    "CompletionRecord",
     "DeregisterForbidden",
     "Endpoint",
     "Heartbeat",

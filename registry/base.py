@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from registry.types import Heartbeat, HeartbeatResult, ProviderEntry
+from registry.types import CompletionRecord, Heartbeat, HeartbeatResult, ProviderEntry
 
 __all__ = [
     "DeregisterForbidden",
@@ -100,6 +100,17 @@ class Registry(Protocol):
 
     async def model_last_live(self, model: str) -> float | None:
         """Return when a provider of ``model`` was last live, or None if never seen."""
+        ...
+
+    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
+        """Remember which endpoint served completion ``chat_id`` for ``ttl_s`` seconds.
+
+        One write with its expiry (Redis: SET with PX), so no record outlives its TTL.
+        """
+        ...
+
+    async def find_completion(self, chat_id: str) -> CompletionRecord | None:
+        """Return the endpoint that served ``chat_id``, or None when unknown or expired."""
         ...
 
     async def now(self) -> float:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registry.base import DeregisterForbidden, KeyNotFound
 from registry.types import (
+    CompletionRecord,
     Endpoint,
     Heartbeat,
     HeartbeatOutcome,
@@ -26,6 +28,8 @@ __all__ = ["MemoryRegistry"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODELS = 10_000
+DEFAULT_MAX_COMPLETIONS = 100_000
+"""Completion records kept at most; past it the oldest is dropped before its TTL ends."""
 """How many models the "last live" map keeps before it forgets the stalest one."""
 
 
@@ -66,6 +70,8 @@ class MemoryRegistry:
         # (instance_id, pubkey, url) -> Unix time until which that instance may not
         # register that endpoint again.
         self._retired_until: dict[tuple[str, str, str], float] = {}
+        # chat id -> (record, Unix time it expires), oldest first.
+        self._completions: OrderedDict[str, tuple[CompletionRecord, float]] = OrderedDict()
 
     @property
     def ready(self) -> bool:
@@ -166,6 +172,23 @@ class MemoryRegistry:
     async def model_last_live(self, model: str) -> float | None:
         """Return the time of the last heartbeat for ``model``, or None if never seen."""
         return self._models_last_live.get(model)
+
+    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
+        """Remember the endpoint of a completion; the oldest go past DEFAULT_MAX_COMPLETIONS."""
+        self._completions[chat_id] = (record, self._clock() + ttl_s)
+        self._completions.move_to_end(chat_id)
+        while len(self._completions) > DEFAULT_MAX_COMPLETIONS:
+            self._completions.popitem(last=False)
+
+    async def find_completion(self, chat_id: str) -> CompletionRecord | None:
+        stored = self._completions.get(chat_id)
+        if stored is None:
+            return None
+        record, expires_at = stored
+        if expires_at <= self._clock():
+            del self._completions[chat_id]
+            return None
+        return record
 
     async def now(self) -> float:
         """Return the injected clock's time in Unix seconds."""

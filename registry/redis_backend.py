@@ -41,6 +41,7 @@ from registry.base import DeregisterForbidden, KeyNotFound, RegistryUnavailable
 from registry.redis_io import EventSubscription, redis_errors
 from registry.sentinel import SENTINEL_SCHEME, open_sentinel, parse_sentinel_url
 from registry.types import (
+    CompletionRecord,
     Endpoint,
     Heartbeat,
     HeartbeatOutcome,
@@ -210,6 +211,26 @@ class RedisRegistry:
             return None
         live = entry.live(now)
         return live if live.endpoints else None
+
+    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
+        """SET ``<prefix>:chats:<id>`` to the record's JSON with its expiry, one command."""
+        with self._command("SET"):
+            await self._client.set(
+                f"{self.prefix}:chats:{chat_id}",
+                orjson.dumps(record.to_json()),
+                px=max(1, int(ttl_s * 1000)),
+            )
+
+    async def find_completion(self, chat_id: str) -> CompletionRecord | None:
+        with self._command("GET"):
+            raw = await self._client.get(f"{self.prefix}:chats:{chat_id}")
+        if raw is None:
+            return None
+        try:
+            return CompletionRecord.from_json(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            logger.warning("completion record %s... is not JSON; ignoring it", chat_id[:32])
+            return None
 
     async def by_model(self, model: str) -> list[ProviderEntry]:
         """Return the live entries serving ``model``, sorted by key."""

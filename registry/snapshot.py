@@ -32,7 +32,7 @@ from registry.base import KeyNotFound, RegistryError, RegistryUnavailable
 from registry.redis_backend import RedisRegistry
 from registry.snapshot_state import SnapshotStats
 from registry.snapshot_sync import SnapshotSync, await_shared, cancel_and_wait, retrieve_result
-from registry.types import Heartbeat, HeartbeatResult, ProviderEntry
+from registry.types import CompletionRecord, Heartbeat, HeartbeatResult, ProviderEntry
 
 __all__ = ["SnapshotRegistry", "SnapshotStats"]
 
@@ -270,6 +270,13 @@ class SnapshotRegistry:
         if not self._started:
             await self.start()
         return await self._sync.call(self._inner.entries())
+
+    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
+        """Write through to Redis: completion records are not part of the snapshot."""
+        await self._sync.call(self._inner.record_completion(chat_id, record, ttl_s))
+
+    async def find_completion(self, chat_id: str) -> CompletionRecord | None:
+        return await self._sync.call(self._inner.find_completion(chat_id))
 
     async def now(self) -> float:
         """Return the estimated registry clock; read Redis ``TIME`` before the first read."""

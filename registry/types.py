@@ -12,6 +12,7 @@ from enum import Enum
 
 __all__ = [
     "SIGNING_ALGOS",
+    "CompletionRecord",
     "Endpoint",
     "Heartbeat",
     "HeartbeatOutcome",
@@ -151,3 +152,27 @@ class HeartbeatResult:
     expires_at: float = 0.0
     bound_model: str = ""
     """With MODEL_CONFLICT: the model the key is bound to."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """The provider endpoint that served one completion, kept for signature fetches."""
+
+    url: str
+    pubkey: str
+    model: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"url": self.url, "pubkey": self.pubkey, "model": self.model}
+
+    @classmethod
+    def from_json(cls, value: object) -> CompletionRecord | None:
+        """Decode a stored record; None when it is not an object of three strings."""
+        if not isinstance(value, dict):
+            return None
+        fields = (value.get("url"), value.get("pubkey"), value.get("model"))
+        if not all(isinstance(field, str) for field in fields):
+            return None
+        url, pubkey, model = fields
+        assert isinstance(url, str) and isinstance(pubkey, str) and isinstance(model, str)
+        return cls(url, pubkey, model)

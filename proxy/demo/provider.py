@@ -232,7 +232,7 @@ async def _completion(request: web.Request, kind: str) -> web.StreamResponse:
         response, sent = await _send_json(request, payload, faults)
 
     if sent is not None:
-        state.record_signature(completion_id, raw, sent)
+        state.record_signature(completion_id, config.model, raw, sent)
     return response
 
 
@@ -320,7 +320,7 @@ async def _attestation_report(request: web.Request) -> web.Response:
 
 
 async def _signature(request: web.Request) -> web.Response:
-    """Return the signed ``<request sha256>:<response sha256>`` text of a completion."""
+    """Return the signed ``<model>:<request sha256>:<response sha256>`` text of a completion."""
     config = request.app[DEMO_CONFIG]
     chat_id = request.match_info["chat_id"]
     text = request.app[DEMO_STATE].signatures.get(chat_id)

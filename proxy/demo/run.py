@@ -53,9 +53,7 @@ def _start(
     # main() can stop the children in order: the agent deregisters while the gateway
     # still runs.
     try:
-        return subprocess.Popen(
-            args, env=env, start_new_session=True, stdout=output, stderr=output
-        )
+        return subprocess.Popen(args, env=env, start_new_session=True, stdout=output, stderr=output)
     finally:
         if output is not None:
             output.close()

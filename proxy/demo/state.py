@@ -107,14 +107,17 @@ class DemoState:
     """Completion responses produced in full: a stream once its last event is written, a
     non-streamed body once it is handed to aiohttp."""
     signatures: OrderedDict[str, str] = field(default_factory=OrderedDict)
-    """Completion id to signed text ``<sha256 of request>:<sha256 of response>``."""
+    """Completion id to signed text ``<model>:<sha256 of request>:<sha256 of response>``."""
 
     def note_client_gone(self) -> None:
         self.disconnects += 1
         self.client_gone.set()
 
-    def record_signature(self, completion_id: str, request_body: bytes, response: bytes) -> None:
-        text = f"{hashlib.sha256(request_body).hexdigest()}:{hashlib.sha256(response).hexdigest()}"
+    def record_signature(
+        self, completion_id: str, model: str, request_body: bytes, response: bytes
+    ) -> None:
+        request_hash = hashlib.sha256(request_body).hexdigest()
+        text = f"{model}:{request_hash}:{hashlib.sha256(response).hexdigest()}"
         self.signatures[completion_id] = text
         while len(self.signatures) > _SIGNATURES_KEPT:
             self.signatures.popitem(last=False)

@@ -348,7 +348,8 @@ async def test_signature_covers_exact_bytes(http: aiohttp.ClientSession, demo: D
         f"{demo.url}/v1/signature/{chat_id}", params={"signing_algo": "ecdsa"}
     ) as response:
         signed = orjson.loads(await response.read())
-    expected = f"{hashlib.sha256(request_body).hexdigest()}:{hashlib.sha256(received).hexdigest()}"
+    request_hash = hashlib.sha256(request_body).hexdigest()
+    expected = f"demo-model:{request_hash}:{hashlib.sha256(received).hexdigest()}"
     point = bytes.fromhex("04" + signed["signing_public_key"])
     key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), point)
 

@@ -1,4 +1,4 @@
-"""Helpers of the snapshot tests: private redis-server processes and a slow TCP relay.
+"""Test helpers: private redis-server processes and a slow TCP relay.
 
 Every process listens on 127.0.0.1 only, keeps nothing on disk, and is stopped by PID
 (after SIGCONT, in case a test froze it) when its test ends.
@@ -46,6 +46,8 @@ def resp_command(port: int, *args: str, timeout_s: float = 1.0) -> bytes:
 def _binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; CI must install it (see .ci/run)")
         pytest.skip(f"{name} is not installed")
     return path
 
