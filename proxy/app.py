@@ -258,6 +258,23 @@ def _loggable_path(request: web.Request) -> str | None:
     return printable(request.path, 200)
 
 
+_ACCESS_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "model",
+    "provider",
+    "status",
+    "outcome",
+    "attempts",
+    "duration_ms",
+    "ttft_ms",
+    "bytes_out",
+    "client",
+)
+_ACCESS_FORMAT = " ".join(f"{key}=%s" for key in _ACCESS_FIELDS)
+
+
 def _record(request: web.Request, exchange: Exchange, status: int) -> None:
     duration_ms = (time.monotonic() - exchange.started) * 1000
     route = exchange.route or "unmatched"
@@ -272,21 +289,24 @@ def _record(request: web.Request, exchange: Exchange, status: int) -> None:
         ttft_s=None if exchange.ttft_ms is None else exchange.ttft_ms / 1000,
         stream_failure=exchange.stream_failure,
     )
-    fields = {
-        "request_id": exchange.request_id,
-        "method": request.method,
-        "path": _loggable_path(request),
-        "model": printable(exchange.model),
-        "provider": exchange.provider,
-        "status": status,
-        "outcome": exchange.outcome,
-        "attempts": exchange.attempts,
-        "duration_ms": round(duration_ms, 1),
-        "ttft_ms": None if exchange.ttft_ms is None else round(exchange.ttft_ms, 1),
-        "bytes_out": exchange.bytes_out,
-        "client": request.remote,
-    }
-    access_logger.info(" ".join(f"{key}=%s" for key in fields), *fields.values(), extra=fields)
+    values = (
+        exchange.request_id,
+        request.method,
+        _loggable_path(request),
+        printable(exchange.model),
+        exchange.provider,
+        status,
+        exchange.outcome,
+        exchange.attempts,
+        round(duration_ms, 1),
+        None if exchange.ttft_ms is None else round(exchange.ttft_ms, 1),
+        exchange.bytes_out,
+        request.remote,
+    )
+    # The same fields go into the text line and, through ``extra``, into JSON lines.
+    access_logger.info(
+        _ACCESS_FORMAT, *values, extra=dict(zip(_ACCESS_FIELDS, values, strict=True))
+    )
 
 
 @web.middleware

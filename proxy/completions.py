@@ -62,47 +62,62 @@ def completion_id_from_event(block: bytes) -> str | None:
 
 
 class CompletionRecorder:
-    """Writes completion records in the background, off the relay's path.
+    """Writes completion records in the background, off the relay's path, in batches.
 
-    A failed write is logged (rate-limited) and counted, never turned into a client
-    error: the completion itself has succeeded.
+    ``record()`` only queues. One writer task at a time sends everything queued in one
+    registry call (one pipelined round trip for Redis), so under load many records share
+    a write, and when idle a record is written on the next event loop iteration. A failed
+    write is logged (rate-limited) and counted, never turned into a client error: the
+    completions themselves have succeeded.
     """
 
-    def __init__(self, registry: Registry, metrics: Metrics, ttl_s: float) -> None:
+    def __init__(
+        self, registry: Registry, metrics: Metrics, ttl_s: float, *, max_batch: int = 500
+    ) -> None:
         self._registry = registry
         self._metrics = metrics
         self._ttl_s = ttl_s
-        self._pending: set[asyncio.Task[None]] = set()
+        self._max_batch = max_batch
+        self._queued: list[tuple[str, CompletionRecord]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._failure_log = RateLimiter(interval_s=10.0)
 
     def record(self, chat_id: str, target: Target, model: str) -> None:
-        record = CompletionRecord(target.url, target.pubkey, model)
-        task = asyncio.create_task(self._write(chat_id, record), name="record-completion")
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._queued.append((chat_id, CompletionRecord(target.url, target.pubkey, model)))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queued(), name="record-completions")
 
-    async def _write(self, chat_id: str, record: CompletionRecord) -> None:
+    async def _write_queued(self) -> None:
         try:
-            await self._registry.record_completion(chat_id, record, self._ttl_s)
+            while self._queued:
+                batch = self._queued[: self._max_batch]
+                del self._queued[: self._max_batch]
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[tuple[str, CompletionRecord]]) -> None:
+        try:
+            await self._registry.record_completions(batch, self._ttl_s)
         except registry_base.RegistryError as exc:
-            self._metrics.completion_records.labels("failed").inc()
+            self._metrics.completion_records.labels("failed").inc(len(batch))
             allowed, suppressed = self._failure_log.allow("write")
             if allowed:
                 logger.warning(
-                    "could not record completion %s for signature fetches: %s%s",
-                    chat_id[:64],
+                    "could not record %d completion(s) for signature fetches: %s%s",
+                    len(batch),
                     exc,
-                    f" ({suppressed} more since the last line)" if suppressed else "",
+                    f" ({suppressed} more failed writes since the last line)" if suppressed else "",
                 )
             return
-        self._metrics.completion_records.labels("ok").inc()
+        self._metrics.completion_records.labels("ok").inc(len(batch))
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
-        """Let pending writes finish for up to ``timeout_s``, then cancel the rest."""
-        if not self._pending:
+        """Let queued writes finish for up to ``timeout_s``, then cancel the writer."""
+        writer = self._writer
+        if writer is None:
             return
-        _, late = await asyncio.wait(set(self._pending), timeout=timeout_s)
-        for task in late:
-            task.cancel("gateway closing")
-        if late:
-            await asyncio.wait(late)
+        done, _ = await asyncio.wait({writer}, timeout=timeout_s)
+        if not done:
+            writer.cancel("gateway closing")
+            await asyncio.wait({writer})

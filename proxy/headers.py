@@ -8,6 +8,7 @@ never forwarded in either direction.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -165,12 +166,18 @@ def _excerpt(value: str, limit: int = 40) -> str:
     return value if len(value) <= limit else value[:limit] + "..."
 
 
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_counter = itertools.count(1)
+
+
 def client_request_id(headers: Mapping[str, str]) -> str:
     """Return the client's X-Request-Id if it is 1-128 of A-Za-z0-9._:-, else a new random id."""
     given = headers.get(REQUEST_ID)
     if given is not None and _REQUEST_ID.fullmatch(given):
         return given
-    return secrets.token_hex(16)
+    # A random per-process prefix and a counter: unique across processes without a
+    # getrandom() call per request. Request ids are labels, not secrets.
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:

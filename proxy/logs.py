@@ -64,6 +64,8 @@ def printable(value: str | None, limit: int = 100) -> str | None:
     """Return a client-chosen string made safe for one log line: no control characters, bounded."""
     if value is None:
         return None
+    if len(value) <= limit and value.isprintable():
+        return value
     cleaned = "".join(ch if ch.isprintable() else "?" for ch in value[:limit])
     return cleaned + ("..." if len(value) > limit else "")
 

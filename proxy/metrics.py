@@ -47,6 +47,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int, str], Counter] = {}
         self.live_models: frozenset[str] = frozenset()
         """Models with a live provider at the last refresh; other names fold to ``other``."""
 
@@ -161,7 +162,13 @@ class Metrics:
         stream_failure: str | None,
     ) -> None:
         """Count one finished request; ``ttft_s`` is set only for relayed streams."""
-        self.requests.labels(route, str(status), outcome).inc()
+        # Label children are cached: labels() validates and locks on every call, and
+        # this runs once per request. The label values are bounded, so is the cache.
+        key = (route, status, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, str(status), outcome)
+        child.inc()
         if model is not None:
             self.model_requests.labels(self.model_label(model, routed=routed), outcome).inc()
         if ttft_s is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from registry.types import CompletionRecord, Heartbeat, HeartbeatResult, ProviderEntry
@@ -102,10 +103,13 @@ class Registry(Protocol):
         """Return when a provider of ``model`` was last live, or None if never seen."""
         ...
 
-    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
-        """Remember which endpoint served completion ``chat_id`` for ``ttl_s`` seconds.
+    async def record_completions(
+        self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
+    ) -> None:
+        """Remember which endpoint served each (chat id, record) for ``ttl_s`` seconds.
 
-        One write with its expiry (Redis: SET with PX), so no record outlives its TTL.
+        Each record is one write with its expiry (Redis: SET with PX, all of them in one
+        pipelined round trip), so no record outlives its TTL.
         """
         ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from registry.base import DeregisterForbidden, KeyNotFound
@@ -173,10 +173,14 @@ class MemoryRegistry:
         """Return the time of the last heartbeat for ``model``, or None if never seen."""
         return self._models_last_live.get(model)
 
-    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
-        """Remember the endpoint of a completion; the oldest go past DEFAULT_MAX_COMPLETIONS."""
-        self._completions[chat_id] = (record, self._clock() + ttl_s)
-        self._completions.move_to_end(chat_id)
+    async def record_completions(
+        self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
+    ) -> None:
+        """Remember completion endpoints; past DEFAULT_MAX_COMPLETIONS the oldest go."""
+        expires_at = self._clock() + ttl_s
+        for chat_id, record in records:
+            self._completions[chat_id] = (record, expires_at)
+            self._completions.move_to_end(chat_id)
         while len(self._completions) > DEFAULT_MAX_COMPLETIONS:
             self._completions.popitem(last=False)
 

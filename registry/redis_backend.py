@@ -212,14 +212,20 @@ class RedisRegistry:
         live = entry.live(now)
         return live if live.endpoints else None
 
-    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
-        """SET ``<prefix>:chats:<id>`` to the record's JSON with its expiry, one command."""
+    async def record_completions(
+        self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
+    ) -> None:
+        """SET each ``<prefix>:chats:<id>`` with its expiry (PX), in one pipelined round trip."""
+        ttl_ms = max(1, int(ttl_s * 1000))
         with self._command("SET"):
-            await self._client.set(
-                f"{self.prefix}:chats:{chat_id}",
-                orjson.dumps(record.to_json()),
-                px=max(1, int(ttl_s * 1000)),
-            )
+            async with self._client.pipeline(transaction=False) as pipe:
+                for chat_id, record in records:
+                    pipe.set(
+                        f"{self.prefix}:chats:{chat_id}",
+                        orjson.dumps(record.to_json()),
+                        px=ttl_ms,
+                    )
+                await pipe.execute()
 
     async def find_completion(self, chat_id: str) -> CompletionRecord | None:
         with self._command("GET"):

@@ -25,7 +25,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from registry.base import KeyNotFound, RegistryError, RegistryUnavailable
@@ -271,9 +271,11 @@ class SnapshotRegistry:
             await self.start()
         return await self._sync.call(self._inner.entries())
 
-    async def record_completion(self, chat_id: str, record: CompletionRecord, ttl_s: float) -> None:
+    async def record_completions(
+        self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
+    ) -> None:
         """Write through to Redis: completion records are not part of the snapshot."""
-        await self._sync.call(self._inner.record_completion(chat_id, record, ttl_s))
+        await self._sync.call(self._inner.record_completions(records, ttl_s))
 
     async def find_completion(self, chat_id: str) -> CompletionRecord | None:
         return await self._sync.call(self._inner.find_completion(chat_id))

@@ -14,6 +14,7 @@ import fakeredis
 import pytest
 
 from registry import (
+    CompletionRecord,
     DeregisterForbidden,
     Heartbeat,
     HeartbeatOutcome,
@@ -488,3 +489,29 @@ async def test_ping_and_now_answer(backend: Backend) -> None:
     await backend.registry.ping()
 
     assert await backend.registry.now() > 1_600_000_000.0
+
+
+async def test_completion_records_found_until_expiry(backend: Backend) -> None:
+    registry = backend.registry
+    first = CompletionRecord(URL_1, KEY_A, "llama")
+    second = CompletionRecord(URL_2, KEY_A, "llama")
+    start = await registry.now()
+
+    await registry.record_completions([("chatcmpl-1", first), ("chatcmpl-2", second)], SHORT_TTL_S)
+
+    assert await registry.find_completion("chatcmpl-1") == first
+    assert await registry.find_completion("chatcmpl-2") == second
+    assert await registry.find_completion("chatcmpl-3") is None
+    await backend.advance_past(start + SHORT_TTL_S + 0.05)
+    assert await registry.find_completion("chatcmpl-1") is None
+
+
+async def test_completion_record_rewritten_by_later_write(backend: Backend) -> None:
+    registry = backend.registry
+    await registry.record_completions([("chatcmpl-1", CompletionRecord(URL_1, KEY_A, "m"))], 60)
+    await registry.record_completions([("chatcmpl-1", CompletionRecord(URL_2, KEY_A, "m"))], 60)
+
+    found = await registry.find_completion("chatcmpl-1")
+
+    assert found is not None
+    assert found.url == URL_2
