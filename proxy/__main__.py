@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -69,6 +70,24 @@ async def serve(settings: Settings) -> None:
         logger.info("stopped")
 
 
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one, as nginx's worker_rlimit_nofile does.
+
+    Each proxied stream holds two descriptors; the usual soft limit of 1024 would stop
+    the gateway at about 500 concurrent streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return
+    logger.info("raised the open-file limit from %d to %d", soft, target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env({**os.environ, **parse_args(argv)})
@@ -76,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"e2ee-gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    raise_open_file_limit()
     try:
         run(serve(settings))
     except TokenFileError as exc:

@@ -143,8 +143,11 @@ class Settings:
     upstream_keepalive_s: float = _setting(
         4.0, _duration, "idle upstream connections are closed after this long"
     )
+    # Every proxied stream holds two file descriptors (client and provider), so the
+    # default lets one provider serve 8192 concurrent streams while a hung one cannot
+    # take more than about 16k descriptors; raise the process's open-file limit to match.
     max_connections_per_provider: int = _setting(
-        1024,
+        8192,
         _count,
         "open upstream connections per provider host and port; more requests wait in a queue",
     )
@@ -170,7 +173,7 @@ class Settings:
     auth_failure_window_s: float = _setting(
         60.0, _duration, "window of the failed token attempt limit"
     )
-    workers: int = _setting(1, _count, "worker processes")
+    workers: int = _setting(1, _count, "worker processes (only 1 is supported for now)")
     log_format: str = _setting("text", _choice("text", "json"), "log line format")
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "lowest level logged"
@@ -205,6 +208,14 @@ class Settings:
             raise ConfigError(
                 f"{env_name('workers')}={self.workers} needs a shared registry: each worker "
                 "would hold its own memory:// registry. Set GATEWAY_REGISTRY_URL to redis://..."
+            )
+        if self.workers > 1:
+            # TODO: pre-forked workers sharing the port with SO_REUSEPORT, with Prometheus
+            # multiprocess metrics. Until then more than one worker is rejected, not ignored.
+            raise ConfigError(
+                f"{env_name('workers')}={self.workers}: more than one worker process is not "
+                "supported yet. Run one gateway per core on its own port behind the load "
+                "balancer, all on the same Redis registry."
             )
 
     @classmethod
