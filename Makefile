@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench faults fuzz soak clean
 
 install: $(STAMP)
 
@@ -29,6 +29,18 @@ test: $(STAMP)
 ## (about 8 minutes; `make bench BENCH_ARGS=--quick` takes about 2). Needs nginx and wrk.
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+## faults: the fault campaign at ten times the rounds of make test (about 2 minutes)
+faults: $(STAMP)
+	FAULTS_SCALE=10 $(BIN)/python -m pytest tests/faults -q
+
+## fuzz: the hypothesis fuzzers with 3,000 examples per test (about 80 seconds)
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest tests/fuzz -q
+
+## soak: ten minutes of mixed traffic on a private redis-server; exits 1 on resource growth
+soak: $(STAMP)
+	$(BIN)/python tests/soak/soak.py --duration-s 600
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy registry tests

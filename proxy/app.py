@@ -8,11 +8,11 @@ its ``cleanup_ctx``; the admin app reads the same object.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from asyncio import BaseProtocol
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -44,7 +44,14 @@ from proxy.urlcheck import AddressPolicy, GuardedResolver
 from registry import Registry, open_registry, redact_url
 from registry.base import RegistryUnavailable
 
-__all__ = ["EXCHANGE", "GATEWAY", "Gateway", "create_admin_app", "create_public_app"]
+__all__ = [
+    "EXCHANGE",
+    "GATEWAY",
+    "Gateway",
+    "cancel_and_wait",
+    "create_admin_app",
+    "create_public_app",
+]
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(ACCESS_LOGGER)
@@ -177,9 +184,7 @@ class Gateway:
     async def aclose(self) -> None:
         """Stop the reaper and close the session and the registry this object opened."""
         if self._reaper is not None:
-            self._reaper.cancel("gateway closing")
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await cancel_and_wait(self._reaper, "gateway closing")
         if self._recorder is not None:
             await self._recorder.aclose()
         if self._session is not None:
@@ -203,6 +208,18 @@ class Gateway:
                 failing = False
             if removed:
                 logger.info("reaper removed %d expired endpoint(s)", removed)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], reason: str) -> None:
+    """Cancel ``task`` and return once it is done, cancelling it again while it goes on.
+
+    A registry call can complete normally although its task was cancelled (seen with
+    redis-py 8.2.0 on CPython 3.11), so a loop around it would outlive one cancel. The
+    caller's own cancellation propagates: ``asyncio.wait`` never suppresses it.
+    """
+    while not task.done():
+        task.cancel(reason)
+        await asyncio.wait([task], timeout=0.05)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

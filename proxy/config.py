@@ -157,6 +157,9 @@ class Settings:
     eject_cooldown_s: float = _setting(
         10.0, _duration, "a failing provider stays out of unpinned balancing this long"
     )
+    client_body_timeout_s: float = _setting(
+        60.0, _duration, "longest gap between two reads of a client's request body"
+    )
     max_body_bytes: int = _setting(32 * 1024 * 1024, _count, "largest request body accepted")
 
     drain_delay_s: float = _setting(

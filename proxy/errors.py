@@ -16,6 +16,7 @@ classes by ``error_middleware``, in the OpenAI envelope
     ├── NotFound                    404 (model_not_found, chat_not_found, key_not_found, ...)
     ├── Conflict                    409 code=conflict
     ├── Gone                        410 code=instance_retired
+    ├── RequestTimeout              408 code=request_timeout, Connection: close
     ├── RequestTooLarge             413 code=request_too_large
     ├── RateLimited                 429 rate_limit_exceeded, Retry-After
     │   ├── ConcurrencyLimited      429 code=concurrency_limit
@@ -57,6 +58,7 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "RegistryUnavailable",
+    "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
     "ShuttingDown",
@@ -182,6 +184,14 @@ class Gone(GatewayError):
     type = "invalid_request_error"
     code = "instance_retired"
     outcome = "retired"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    outcome = "client_body_timeout"
+    close_connection = True
 
 
 class RequestTooLarge(GatewayError):

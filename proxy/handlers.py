@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import orjson
@@ -16,6 +17,7 @@ from proxy.errors import (
     NoLiveProvider,
     NotFound,
     RegistryUnavailable,
+    RequestTimeout,
     RequestTooLarge,
     StaleKey,
 )
@@ -60,7 +62,8 @@ async def handle_routed(request: web.Request) -> web.StreamResponse:
     exchange.route = ROUTED_PATHS[request.path]
 
     e2ee = validate_e2ee_headers(request.headers)
-    body = await _read_body(request, gateway.settings.max_body_bytes)
+    settings = gateway.settings
+    body = await _read_body(request, settings.max_body_bytes, settings.client_body_timeout_s)
     model, stream = _parse_body(body)
     exchange.model = model
     exchange.pinned = e2ee.model_pubkey is not None
@@ -82,13 +85,35 @@ async def handle_routed(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, idle_timeout_s: float) -> bytes:
+    """Read the whole body, allowing at most ``idle_timeout_s`` between two reads.
+
+    Like nginx's client_body_timeout: a client that stops sending in the middle of its
+    body (or whose chunked framing breaks, which aiohttp's parser may not report) gets
+    408 instead of holding a handler and two sockets until it leaves.
+    """
     # A declared length over the limit is answered before reading a byte of the body.
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(
             f"The request body has {request.content_length} bytes; the limit is {limit} bytes."
         )
-    return await request.read()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body stopped arriving: nothing was received for "
+                f"{idle_timeout_s:g} s (GATEWAY_CLIENT_BODY_TIMEOUT_S)."
+            ) from None
+        if not chunk:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
 
 
 def _parse_body(body: bytes) -> tuple[str, bool]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import GATEWAY, Gateway, create_admin_app, create_public_app
+from proxy.app import GATEWAY, Gateway, cancel_and_wait, create_admin_app, create_public_app
 from proxy.config import Settings, describe
 from proxy.logs import HttpServerLogger
 from proxy.metrics import refresh_provider_gauges_forever
@@ -245,9 +245,7 @@ def _add_telemetry(app: web.Application, gauges_interval_s: float) -> None:
             name="provider-gauges",
         )
         yield
-        refresher.cancel("gateway closing")
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        await cancel_and_wait(refresher, "gateway closing")
 
     app.cleanup_ctx.append(telemetry)
 

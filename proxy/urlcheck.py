@@ -78,7 +78,9 @@ class AddressPolicy:
         """Return the provider base URL without a trailing slash, or raise InvalidProviderUrl."""
         try:
             url = URL(raw)
-        except (ValueError, TypeError) as exc:
+        # yarl 1.25 raises IndexError for brackets before an empty host, such as
+        # "http://[::1]@" (https://github.com/aio-libs/yarl/issues/1822).
+        except (ValueError, TypeError, IndexError) as exc:
             raise InvalidProviderUrl(f"url is not a valid URL: {exc}") from exc
         if url.scheme not in ("http", "https"):
             raise InvalidProviderUrl(f"url must use http or https, got scheme {url.scheme!r}")
