@@ -250,6 +250,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
         status = response.status
+        if not exchange.bytes_out and isinstance(response, web.Response):
+            exchange.bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
         return response
     except asyncio.CancelledError:
         if exchange.outcome == "ok":
@@ -272,7 +274,8 @@ def _loggable_path(request: web.Request) -> str | None:
     pubkey = request.match_info.get("pubkey")
     if pubkey is not None:
         return request.path.replace(pubkey, pubkey[:16] + "...")
-    return printable(request.path, 200)
+    # The raw (percent-encoded) path has no spaces, so it cannot fake key=value fields.
+    return printable(request.rel_url.raw_path, 200)
 
 
 _ACCESS_FIELDS = (

@@ -355,6 +355,8 @@ class Forwarder:
     async def _relay_body(self, held: _Held, exchange: Exchange) -> web.StreamResponse:
         upstream = held.upstream
         exchange.bytes_out = len(held.buffered)
+        if upstream.status >= 400:
+            exchange.outcome = "upstream_error_status"
         upstream.release()
         headers = filter_response_headers(upstream.headers)
         return web.Response(status=upstream.status, headers=headers, body=held.buffered)
@@ -522,13 +524,13 @@ def _is_closed_connection(exc: aiohttp.ClientError) -> bool:
 
 def _describe_client_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return (
-            f"connection to {exc.host}:{exc.port} failed ({exc.os_error.strerror or exc.os_error})"
-        )
+        return f"connect failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "provider closed the connection before answering"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "connect timed out"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the provider closed the connection before the response was complete"
     if isinstance(exc, aiohttp.ClientResponseError):
         # The parser's message quotes raw header bytes over several lines; keep the first.
         first_line = str(exc.message).splitlines()[0] if exc.message else ""

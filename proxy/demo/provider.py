@@ -342,7 +342,9 @@ async def _signature(request: web.Request) -> web.Response:
 
 def create_app(config: DemoConfig) -> web.Application:
     """Build the demo provider app around ``config``, which the caller may change later."""
-    app = web.Application(middlewares=[_observe])
+    # aiohttp's default 1 MiB body limit would answer long conversations and images
+    # with 413; the demo takes what the gateway forwards by default (32 MiB) and more.
+    app = web.Application(middlewares=[_observe], client_max_size=64 * 1024 * 1024)
     app[DEMO_CONFIG] = config
     app[DEMO_STATE] = DemoState()
     app.router.add_post("/v1/chat/completions", _chat_completions)
