@@ -1,4 +1,4 @@
-"""Sending a client request to a provider, with retries, and relaying its answer.
+"""Sending a client request to a provider, with retries, and relaying its response.
 
 One attempt has two phases. Before any byte reaches the client, a connection failure
 or an upstream 500/502/504 may be retried (at most ``MAX_ATTEMPTS`` attempts); a
@@ -42,7 +42,7 @@ MAX_ATTEMPTS = 3
 _PROVIDER_FAILURE_STATUSES = frozenset({500, 502, 504})
 _UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
 
-# A non-streaming answer up to this size is read whole and sent with Content-Length;
+# A non-streaming response up to this size is read whole and sent with Content-Length;
 # a larger one is relayed as it arrives, so memory per request stays bounded.
 HELD_BODY_LIMIT = 8 * 1024 * 1024
 
@@ -56,7 +56,7 @@ _LARGE_BODY_BYTES = 1024 * 1024
 
 @dataclass(slots=True)
 class Exchange:
-    """What happened to one client request, for the access log and metrics."""
+    """The record of one client request, for the access log and metrics."""
 
     request_id: str
     started: float = field(default_factory=time.monotonic)
@@ -95,7 +95,7 @@ class _ProviderFailure(Exception):
 
 @dataclass(slots=True)
 class _Held:
-    """An upstream answer whose status line has not been sent to the client yet."""
+    """An upstream response whose status line has not been sent to the client yet."""
 
     upstream: aiohttp.ClientResponse
     streaming: bool
@@ -281,7 +281,7 @@ class Forwarder:
                 deadline,
             )
             raise UpstreamTimeout(
-                "The provider did not answer in time."
+                "The provider did not respond in time."
                 + (" No event arrived within the first-byte timeout." if stream else "")
             ) from None
         except BaseException:
