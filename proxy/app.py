@@ -1,6 +1,6 @@
 """Application factories, shared gateway state and the middlewares of both listeners.
 
-``Gateway`` holds what both listeners share: settings, the registry, the upstream
+``Gateway`` contains what both listeners share: settings, the registry, the upstream
 ClientSession and Forwarder, metrics and tokens. The public app opens and closes it in
 its ``cleanup_ctx``; the admin app reads the same object.
 """
@@ -92,7 +92,7 @@ class Gateway:
         )
         self.balancer = Balancer(settings.eject_cooldown_s)
         self.draining = False
-        """Set on SIGTERM: /readyz answers 503 so that load balancers stop sending."""
+        """Set on SIGTERM: /readyz returns 503 so that load balancers stop sending."""
         self.refusing_requests = False
         """Set after the drain delay: new requests get 503 shutting_down."""
         self.requests_in_flight = 0
@@ -137,9 +137,9 @@ class Gateway:
                 outage_grace_s=settings.registry_outage_grace_s,
             )
         # Loads the snapshot of a Redis registry; never raises while Redis is down, so
-        # the gateway starts not ready and becomes ready when Redis answers.
+        # the gateway starts not ready and becomes ready when Redis replies.
         await self._registry.start()
-        # One provider that accepts connections and never answers can hold at most
+        # One provider that accepts connections and never responds can keep at most
         # max_connections_per_provider of them; requests to other providers never queue.
         connector = aiohttp.TCPConnector(
             limit=0,

@@ -1,8 +1,8 @@
 """Sending a client request to a provider, with retries, and relaying its response.
 
 One attempt has two phases. Before any byte reaches the client, a connection failure
-or an upstream 500/502/504 may be retried (at most ``MAX_ATTEMPTS`` attempts); a
-timeout is answered at once and never retried. Once the client's status line is out,
+or an upstream 500/502/504 may be retried (at most ``MAX_ATTEMPTS`` attempts), but a
+timeout gets its 504 at once and is never retried. Once the client's status line is out,
 failures can only be reported inside the stream, as one error event
 (``sse.error_frame``), and the stream ends without ``data: [DONE]``.
 
@@ -150,8 +150,8 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send the request to one of ``targets`` and return the client's response.
 
-        With ``completion``, the id of a successful answer is passed to the
-        ``on_completion`` callback before the answer is relayed, so that signature
+        With ``completion``, the id of a successful response is passed to the
+        ``on_completion`` callback before the response is relayed, so that signature
         fetches find its provider. Raises ProviderUnavailable after the last failed
         attempt and UpstreamTimeout when the first-byte (streams) or total (other
         requests) timeout expires.
@@ -469,7 +469,7 @@ class Forwarder:
 
 
 class _UpstreamErrorEvent(Exception):
-    """A pinned stream whose first event is an error: answered with that status and JSON."""
+    """A pinned stream whose first event is an error: the client gets that status and JSON."""
 
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(status)

@@ -1,8 +1,8 @@
 """Header rules of the relay: E2EE header validation and what crosses the gateway.
 
 Pure functions with no I/O. Hop-by-hop headers follow RFC 9110 §7.6.1: the fixed set
-below plus every header named in ``Connection``; they describe one connection and are
-never forwarded in either direction.
+below plus every header named in ``Connection``. They describe one connection, so they
+are never forwarded in either direction.
 """
 
 from __future__ import annotations

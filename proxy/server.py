@@ -35,7 +35,7 @@ _SERVER_OPTIONS: dict[str, Any] = {
     "auto_decompress": False,
     # Requests that aiohttp's parser rejects are logged in one line, not a traceback.
     "logger": HttpServerLogger(),
-    # After an early answer such as 413, aiohttp reads and discards the unread body for
+    # After an early response such as 413, aiohttp reads and discards the unread body for
     # lingering_time (10 s by default) before it closes the connection.
     "lingering_time": 0.5,
 }
@@ -76,7 +76,7 @@ class RunningGateway:
         gateway = self.gateway
         settings = gateway.settings
 
-        # 1. Readiness off: /readyz answers 503 so that load balancers stop sending.
+        # 1. Readiness off: /readyz returns 503 so that load balancers stop sending.
         gateway.draining = True
         logger.info(
             "draining: /readyz is 503, serving normally for %.1f s (GATEWAY_DRAIN_DELAY_S)",

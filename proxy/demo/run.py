@@ -27,7 +27,7 @@ MODEL = "demo-model"
 
 
 def _wait_for(url: str, what: str, deadline_s: float, accept: str | None = None) -> str:
-    """Poll ``url`` until it answers 200 (containing ``accept``, if given) and return the body."""
+    """Poll ``url`` until it returns 200 (containing ``accept``, if given) and return the body."""
     deadline = time.monotonic() + deadline_s
     last_error = ""
     while time.monotonic() < deadline:
