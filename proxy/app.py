@@ -256,7 +256,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         if exchange.outcome == "ok":
             exchange.outcome = "client_disconnect"
-        # 499 as in nginx's logs: the client closed the connection before the answer.
+        # 499 as in nginx's logs: the client closed the connection before the response.
         status = 499
         raise
     finally:
@@ -354,7 +354,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _client_gone(request: web.Request, exc: OSError) -> web.Response:
     # The admin listener does not cancel handlers, so a client that closes the
     # connection while its body is read shows up as the OSError of request.read().
-    # Nobody is left to answer: that is a disconnect, not an error.
+    # No client is left to read a response, so this is a disconnect, not an error.
     exchange = request.get(EXCHANGE)
     if exchange is not None:
         exchange.outcome = "client_disconnect"
@@ -373,7 +373,7 @@ _ALWAYS_SERVED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 @web.middleware
 async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer 503 shutting_down once the drain delay is over; health checks still work."""
+    """Reject requests with 503 shutting_down after the drain delay; health checks still work."""
     if request.app[GATEWAY].refusing_requests and request.path not in _ALWAYS_SERVED:
         raise ShuttingDown()
     return await handler(request)

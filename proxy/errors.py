@@ -1,4 +1,4 @@
-"""Errors the gateway answers with, each carrying its HTTP status and OpenAI error fields.
+"""Errors the gateway responds with, each carrying its HTTP status and OpenAI error fields.
 
 Every response the application produces for a failure is built from one of these
 classes by ``error_middleware``, in the OpenAI envelope
@@ -93,7 +93,7 @@ class GatewayError(Exception):
     outcome: str = "error"
     """Outcome label for the access log and metrics."""
     close_connection: bool = False
-    """Answer with ``Connection: close`` and close the client connection afterwards."""
+    """Respond with ``Connection: close`` and close the client connection afterwards."""
 
     def __init__(
         self,

@@ -503,7 +503,7 @@ def _request_payload(body: bytes) -> bytes | io.BytesIO | None:
 
 
 def _completion_id(held: _Held) -> str | None:
-    """Return the completion id of a successful answer, read from a copy of its bytes."""
+    """Return the completion id of a successful response, read from a copy of its bytes."""
     if held.upstream.status != 200:
         return None
     if held.first_event:

@@ -92,7 +92,7 @@ async def _read_body(request: web.Request, limit: int, idle_timeout_s: float) ->
     body (or whose chunked framing breaks, which aiohttp's parser may not report) gets
     408 instead of holding a handler and two sockets until it leaves.
     """
-    # A declared length over the limit is answered before reading a byte of the body.
+    # A declared length over the limit is rejected before reading a byte of the body.
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(
             f"The request body has {request.content_length} bytes; the limit is {limit} bytes."

@@ -33,7 +33,7 @@ _LOOKUP_INTERVAL_S = 0.05
 
 
 async def handle_signature(request: web.Request) -> web.StreamResponse:
-    """Forward a signature fetch, query string unchanged, to the provider that answered."""
+    """Forward a signature fetch, query string unchanged, to the provider that served it."""
     gateway = request.app[GATEWAY]
     exchange = request[EXCHANGE]
     exchange.route = "signature"

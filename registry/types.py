@@ -170,9 +170,7 @@ class CompletionRecord:
         """Decode a stored record; None when it is not an object of three strings."""
         if not isinstance(value, dict):
             return None
-        fields = (value.get("url"), value.get("pubkey"), value.get("model"))
-        if not all(isinstance(field, str) for field in fields):
-            return None
-        url, pubkey, model = fields
-        assert isinstance(url, str) and isinstance(pubkey, str) and isinstance(model, str)
-        return cls(url, pubkey, model)
+        url, pubkey, model = value.get("url"), value.get("pubkey"), value.get("model")
+        if isinstance(url, str) and isinstance(pubkey, str) and isinstance(model, str):
+            return cls(url, pubkey, model)
+        return None

@@ -1,43 +1,15 @@
-"""Fixtures of the fault tests: the gateway fixtures of ``tests/proxy``.
-
-Those fixtures live in ``tests/proxy/conftest.py``, which pytest scopes to its own
-directory, so this file loads that module once under another name and re-exports the
-fixtures it needs. ``gateway_harness``, ``relay_harness`` and the redis-server helpers
-of ``tests/redis_processes.py`` become importable too.
-"""
+"""Fixtures of the fault tests: the gateway fixtures of ``tests/proxy``, loaded by
+``proxy_fixtures``, and a client that closes each connection."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
-from types import ModuleType
 
 import aiohttp
 import pytest
+from proxy_fixtures import load_proxy_fixtures
 
-_PROXY_TESTS = Path(__file__).resolve().parent.parent / "proxy"
-_TESTS = Path(__file__).resolve().parent.parent
-_FIXTURES_MODULE = "proxy_test_fixtures"
-
-
-def _load_proxy_fixtures() -> ModuleType:
-    for directory in (_TESTS, _PROXY_TESTS):
-        if str(directory) not in sys.path:
-            sys.path.insert(0, str(directory))
-    loaded = sys.modules.get(_FIXTURES_MODULE)
-    if loaded is not None:
-        return loaded
-    spec = importlib.util.spec_from_file_location(_FIXTURES_MODULE, _PROXY_TESTS / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_FIXTURES_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_proxy_fixtures = _load_proxy_fixtures()
+_proxy_fixtures = load_proxy_fixtures()
 
 token_dir = _proxy_fixtures.token_dir
 make_settings = _proxy_fixtures.make_settings
