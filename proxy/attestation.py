@@ -204,7 +204,8 @@ def _check_signature(
         return
     if element.get("nonce") not in (None, nonce):
         raise AttestationFailed(
-            "the report signs another nonce than the one requested (a replayed report?)", reachable=True
+            "the report signs another nonce than the one requested (a replayed report?)",
+            reachable=True,
         )
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(pubkey)).verify(
