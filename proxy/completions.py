@@ -65,7 +65,7 @@ class CompletionRecorder:
     """Writes completion records in the background, off the relay's path, in batches.
 
     ``record()`` only queues. One writer task at a time sends everything queued in one
-    registry call (one pipelined round trip for Redis), so under load many records share
+    registry call (one script call for Redis), so under load many records share
     a write, and when idle a record is written on the next event loop iteration. A failed
     write is logged (rate-limited) and counted, never turned into a client error: the
     completions themselves have succeeded.

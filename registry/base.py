@@ -108,8 +108,8 @@ class Registry(Protocol):
     ) -> None:
         """Remember which endpoint served each (chat id, record) for ``ttl_s`` seconds.
 
-        Each record is one write with its expiry (Redis: SET with PX, all of them in one
-        pipelined round trip), so no record outlives its TTL.
+        Each record is written with its expiry (Redis: SET with PX, all of them in one
+        script call), so no record outlives its TTL.
         """
         ...
 

@@ -125,6 +125,7 @@ class RedisRegistry:
         self._heartbeat = client.register_script(_load_script("heartbeat.lua"))
         self._deregister = client.register_script(_load_script("deregister.lua"))
         self._reap = client.register_script(_load_script("reap.lua"))
+        self._record_completions = client.register_script(_load_script("record_completions.lua"))
         self._malformed_warned: set[str] = set()
         self._reachable = True
 
@@ -215,17 +216,14 @@ class RedisRegistry:
     async def record_completions(
         self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
     ) -> None:
-        """SET each ``<prefix>:chats:<id>`` with its expiry (PX), in one pipelined round trip."""
+        """SET each ``<prefix>:chats:<id>`` with its expiry (PX), with one script call."""
+        if not records:
+            return
         ttl_ms = max(1, int(ttl_s * 1000))
-        with self._command("SET"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for chat_id, record in records:
-                    pipe.set(
-                        f"{self.prefix}:chats:{chat_id}",
-                        orjson.dumps(record.to_json()),
-                        px=ttl_ms,
-                    )
-                await pipe.execute()
+        keys = [f"{self.prefix}:chats:{chat_id}" for chat_id, _ in records]
+        values = [orjson.dumps(record.to_json()) for _, record in records]
+        with self._command("record_completions script"):
+            await self._record_completions(keys=keys, args=[ttl_ms, *values])
 
     async def find_completion(self, chat_id: str) -> CompletionRecord | None:
         with self._command("GET"):

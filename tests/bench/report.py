@@ -51,6 +51,7 @@ def aggregate(measurements: Sequence[Measurement]) -> dict[tuple[str, str], Row]
             "upstream_us": mid(lambda m: m.per_request_us(m.upstream_cpu_s)),
             "load_cpu_pct": mid(lambda m: m.load_cpu_percent),
             "redis_per_req": mid(lambda m: m.redis_per_request),
+            "redis_routing_per_req": mid(lambda m: m.redis_routing_per_request),
             "completed": float(sum(m.load.completed for m in group)),
             "errors": float(sum(m.load.error_count for m in group)),
             "repetitions": float(len(group)),

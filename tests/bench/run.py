@@ -154,7 +154,10 @@ def _setup_lines(pinning: Pinning, nginx_access_log: bool, settings: BenchSettin
         "Proxy CPU/request: utime + stime of the proxy's process tree (/proc/<pid>/stat) over "
         "the load run, divided by the requests completed. For `direct` there is no proxy.",
         "Redis cmds/req: `INFO commandstats` calls on the benchmark's redis-server over the "
-        "run, less the idle rate measured before S1 (reaper, health checks), per request.",
+        "run, less the idle rate measured before S1 (reaper, health checks), per request. "
+        "It includes the completion records for signature fetches (one script call per "
+        "batch of chat completions, off the relay's path, which Redis counts with the SET "
+        "it runs per record); the routing targets count every command except those.",
         "Server CPU %: CPU time of the proxy, the fake provider and redis-server over the run, "
         "in % of one core; they share CPU 0 when pinned, so near 100 % the rate is CPU-bound.",
         "wrk / client CPU %: the load generator's own CPU time over the run; near 100 % the "

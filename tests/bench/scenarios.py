@@ -44,6 +44,8 @@ S3_PATH = "/v1/chat/completions?kind=sse&events=256&delay_ms=2"
 S4_PATH = "/v1/chat/completions?kind=sse&events=1000&delay_ms=10000"
 WARMUP_PATH = "/v1/chat/completions?kind=sse&events=8"
 RELEASE_TIMEOUT_S = 30.0
+COMPLETION_RECORD_COMMANDS = ("set", "evalsha")
+"""Commands of the completion records: the script call and the SETs it runs."""
 
 DEFAULT_MAX_CONNECTIONS = Settings().max_connections_per_provider
 """The gateway's default GATEWAY_MAX_CONNECTIONS_PER_PROVIDER: more streams wait for one."""
@@ -123,6 +125,21 @@ class Measurement:
         if self.load.completed == 0:
             return math.nan
         total = sum(self.redis_calls.values()) - self.redis_background
+        return max(0.0, total) / self.load.completed
+
+    @property
+    def redis_routing_per_request(self) -> float:
+        """Redis commands per completed request other than the completion records.
+
+        The records for signature fetches are the only writes the gateway sends while it
+        serves requests (one script call per batch of chat completions, off the relay's
+        path, and one SET inside it per record; heartbeats and the reaper are in the
+        background rate). Every other command counted here would be spent on routing.
+        """
+        if self.load.completed == 0:
+            return math.nan
+        records = sum(self.redis_calls.get(name, 0) for name in COMPLETION_RECORD_COMMANDS)
+        total = sum(self.redis_calls.values()) - records - self.redis_background
         return max(0.0, total) / self.load.completed
 
     @property

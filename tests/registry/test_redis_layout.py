@@ -17,6 +17,7 @@ import redis.asyncio
 import redis.exceptions
 
 from registry import (
+    CompletionRecord,
     Heartbeat,
     HeartbeatOutcome,
     RedisRegistry,
@@ -148,6 +149,39 @@ async def test_redis_cli_hget_reads_entry(registry: RedisRegistry, redis_url: st
             "expires_at": endpoint.expires_at,
         }
     }
+
+
+async def test_completion_records_are_strings_with_expiry(
+    registry: RedisRegistry, raw: redis.asyncio.Redis
+) -> None:
+    # A full batch goes through the script in one call; redis-cli GET and TTL read it.
+    records = [(f"chatcmpl-{i}", CompletionRecord(URL_1, KEY, "llama")) for i in range(500)]
+    records.append(("chatcmpl-7", CompletionRecord(URL_2, KEY, "llama")))
+
+    await registry.record_completions(records, 30)
+
+    assert await raw.type("e2ee:chats:chatcmpl-0") == "string"
+    assert orjson.loads(await raw.get("e2ee:chats:chatcmpl-499")) == {
+        "url": URL_1,
+        "pubkey": KEY,
+        "model": "llama",
+    }
+    # The later record of the same id in the batch wins.
+    assert orjson.loads(await raw.get("e2ee:chats:chatcmpl-7"))["url"] == URL_2
+    ttls = [await raw.pttl(f"e2ee:chats:chatcmpl-{i}") for i in (0, 250, 499)]
+    assert all(25_000 < ttl <= 30_000 for ttl in ttls), ttls
+    assert len(await raw.keys("e2ee:chats:*")) == 500
+
+
+async def test_empty_completion_batch_sends_nothing(
+    registry: RedisRegistry, raw: redis.asyncio.Redis
+) -> None:
+    await raw.config_resetstat()
+
+    await registry.record_completions([], 30)
+
+    stats = await raw.info("commandstats")
+    assert "cmdstat_evalsha" not in stats and "cmdstat_eval" not in stats
 
 
 async def test_last_endpoint_removal_deletes_field(
