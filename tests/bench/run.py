@@ -148,6 +148,10 @@ def _setup_lines(pinning: Pinning, nginx_access_log: bool, settings: BenchSettin
         "`GATEWAY_REGISTRY_URL=redis://...`; only the ports, the provider tokens file and "
         "`GATEWAY_ALLOWED_PROVIDER_HOSTS=127.0.0.1/32` are set. The fake provider is registered "
         "by heartbeat (ttl_s 300, renewed every 30 s).",
+        "naive aiohttp: tests/bench/naive.py, the simplest aiohttp pass-through (one Redis "
+        "`HGET` per request, one shared ClientSession, the response relayed read by read; no "
+        "logs, metrics, retries, timeouts or header filtering), as a reference for Python "
+        "proxies.",
         f"Repetitions: {settings.repetitions} of {settings.duration_s:.0f} s per target and "
         "scenario, interleaved (the target order rotates per repetition), after a "
         f"{settings.warmup_s:.0f} s warm-up; figures are medians.",

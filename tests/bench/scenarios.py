@@ -66,6 +66,8 @@ DIRECT = Target("direct", "direct")
 NGINX = Target("nginx", "nginx")
 GATEWAY = Target("gateway", "gateway")
 GATEWAY_UNPINNED = Target("gateway unpinned", "gateway", pinned=False)
+NAIVE = Target("naive aiohttp", "naive")
+"""The reference pass-through of tests/bench/naive.py: what Python proxies usually cost."""
 GATEWAY_RAISED = Target(
     f"gateway, {RAISED_MAX_CONNECTIONS} conns/provider",
     "gateway",
@@ -161,16 +163,22 @@ class Bench:
 
     def port(self, target: Target) -> int:
         stack = self.stack
-        return {"direct": stack.upstream_port, "nginx": stack.nginx_port}.get(
-            target.kind, stack.gateway_port
-        )
+        ports = {
+            "direct": stack.upstream_port,
+            "nginx": stack.nginx_port,
+            "naive": stack.naive_port,
+        }
+        return ports.get(target.kind, stack.gateway_port)
 
     def proxy_pid(self, target: Target) -> int | None:
-        process = {"nginx": self.stack.nginx, "gateway": self.stack.gateway}.get(target.kind)
+        stack = self.stack
+        process = {"nginx": stack.nginx, "gateway": stack.gateway, "naive": stack.naive}.get(
+            target.kind
+        )
         return None if process is None else process.pid
 
     def headers(self, target: Target) -> dict[str, str]:
-        if target.kind == "gateway" and target.pinned:
+        if target.kind in ("gateway", "naive") and target.pinned:
             return {"X-Model-Pub-Key": self.stack.pubkey}
         return {}
 
@@ -267,11 +275,11 @@ class Bench:
         return run_wrk(self.stack.pinning.load, url, script, connections=32, duration_s=duration_s)
 
     def s1_small_json(self) -> None:
-        targets = [DIRECT, NGINX, GATEWAY, GATEWAY_UNPINNED]
+        targets = [DIRECT, NGINX, GATEWAY, GATEWAY_UNPINNED, NAIVE]
         self._interleaved("S1", targets, lambda t, d: self.wrk_run(t, JSON_PATH, JSON_BODY, d))
 
     def s2_streams(self) -> None:
-        targets = [DIRECT, NGINX, GATEWAY]
+        targets = [DIRECT, NGINX, GATEWAY, NAIVE]
         self._interleaved("S2", targets, lambda t, d: self.wrk_run(t, S2_PATH, STREAM_BODY, d))
 
     def s3_paced_streams(self) -> None:
@@ -286,7 +294,7 @@ class Bench:
                 duration_s=duration_s,
             )
 
-        self._interleaved("S3", [DIRECT, NGINX, GATEWAY], run)
+        self._interleaved("S3", [DIRECT, NGINX, GATEWAY, NAIVE], run)
 
     def s4_idle_streams(self) -> None:
         for level in self.settings.s4_levels:

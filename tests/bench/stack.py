@@ -124,11 +124,13 @@ class Stack:
     upstream_port: int = 0
     nginx_port: int = 0
     gateway_port: int = 0
+    naive_port: int = 0
     admin_port: int = 0
     redis: subprocess.Popen[bytes] | None = None
     upstream: subprocess.Popen[bytes] | None = None
     nginx: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    naive: subprocess.Popen[bytes] | None = None
     _provider_token: str = ""
 
     def start(self) -> None:
@@ -139,11 +141,13 @@ class Stack:
         self.upstream_port = free_port()
         self.nginx_port = free_port()
         self.gateway_port = free_port()
+        self.naive_port = free_port()
         self.admin_port = free_port()
         self._start_redis()
         self._start_upstream()
         self.start_nginx()
         self.start_gateway()
+        self._start_naive()
         self.heartbeat()
 
     def _start_redis(self) -> None:
@@ -180,6 +184,22 @@ class Stack:
             "fake provider", argv, log_path=self.tmp / "upstream.log", cwd=REPO_ROOT
         )
         wait_for_port(self.upstream_port, self.upstream, START_TIMEOUT_S)
+
+    def _start_naive(self) -> None:
+        argv = [
+            *self.pinning.server,
+            sys.executable,
+            "-m",
+            "tests.bench.naive",
+            "--port",
+            str(self.naive_port),
+            "--redis-port",
+            str(self.redis_port),
+        ]
+        self.naive = self.children.start(
+            "naive pass-through", argv, log_path=self.tmp / "naive.log", cwd=REPO_ROOT
+        )
+        wait_for_port(self.naive_port, self.naive, START_TIMEOUT_S)
 
     def start_nginx(self) -> None:
         """Start (or restart) nginx with one worker process on the same port."""
