@@ -3,6 +3,7 @@
 Map of the package::
 
     __main__   command line: e2ee-gateway / python -m proxy
+    workers    pre-fork supervisor for GATEWAY_WORKERS > 1: starts, restarts, stops workers
     server     starts the public and admin listeners
     app        Gateway (shared state), app factories, middlewares
     handlers   public listener: routed requests, /v1/models, attestation reports, health
@@ -26,4 +27,5 @@ Glossary:
     pinned      a request carrying X-Model-Pub-Key: only that key's endpoints may serve it
     stale key   a pinned key that no live endpoint of the model holds: answered with 421
     attempt     one try to get an answer from one endpoint
+    worker      one of the gateway processes that share a host's ports (GATEWAY_WORKERS)
 """

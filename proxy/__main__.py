@@ -17,7 +17,9 @@ from typing import Any
 from proxy.auth import TokenFileError
 from proxy.config import ConfigError, Settings, flag_help
 from proxy.logs import configure_logging
+from proxy.metrics import Metrics
 from proxy.server import start_gateway
+from proxy.workers import WorkerContext, supervise
 
 logger = logging.getLogger("proxy")
 
@@ -40,24 +42,37 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     return {name: value for name, value in vars(namespace).items() if value is not None}
 
 
-async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; a second signal stops at once."""
-    running = await start_gateway(settings)
+async def serve(settings: Settings, worker: WorkerContext | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal stops at once.
+
+    A ``worker`` of the supervisor shares both ports (SO_REUSEPORT), keeps its metrics in
+    the shared multiprocess directory, reports ready once it listens, and drains as on
+    SIGTERM when the supervisor is gone.
+    """
+    metrics = None if worker is None else Metrics(multiprocess_dir=worker.metrics_dir)
+    running = await start_gateway(settings, metrics=metrics, reuse_port=worker is not None)
     # Objects that live for the whole process (modules, app, settings) move to the
     # permanent generation, and the young generation is collected less often: a request
     # allocates many short-lived objects, and collections showed up in profiles.
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    signals = asyncio.Queue[int]()
+    # Each item is the reason to stop: a signal, or the supervisor's exit.
+    stops = asyncio.Queue[str]()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
+        loop.add_signal_handler(signum, stops.put_nowait, f"received {signum.name}")
+    if worker is not None:
+        worker.watch_supervisor(lambda: stops.put_nowait("the supervisor exited"))
+        worker.report_ready()
     try:
-        first = await signals.get()
-        logger.info("received %s: shutting down gracefully", signal.Signals(first).name)
+        first = await stops.get()
+        logger.info("%s: shutting down gracefully", first)
+        if worker is not None:
+            # Once draining, only a second signal cuts the drain short.
+            worker.unwatch_supervisor()
         drain = asyncio.create_task(running.drain_and_stop(), name="drain")
-        second = asyncio.create_task(signals.get(), name="second-signal")
+        second = asyncio.create_task(stops.get(), name="second-signal")
         await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
         if not drain.done():
             logger.warning("received a second signal: stopping at once")
@@ -90,14 +105,24 @@ def raise_open_file_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = Settings.from_env({**os.environ, **parse_args(argv)})
+        overrides = parse_args(argv)
+        settings = Settings.from_env({**os.environ, **overrides})
     except ConfigError as exc:
         print(f"e2ee-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    worker = WorkerContext.from_env(os.environ)
+    configure_logging(
+        settings.log_format, settings.log_level, worker=None if worker is None else worker.index
+    )
+    if settings.workers > 1 and worker is None:
+        try:
+            return supervise(settings, overrides)
+        except OSError as exc:
+            logger.error("cannot run the workers: %s", exc)
+            return 1
     raise_open_file_limit()
     try:
-        run(serve(settings))
+        run(serve(settings, worker))
     except TokenFileError as exc:
         logger.error("cannot start: %s", exc)
         return 2

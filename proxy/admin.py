@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.app import EXCHANGE, GATEWAY, Gateway
 from proxy.attestation import AttestationFailed
@@ -302,7 +302,7 @@ async def handle_list_providers(request: web.Request) -> web.Response:
 
 async def handle_metrics(request: web.Request) -> web.Response:
     request[EXCHANGE].route = "metrics"
-    body = generate_latest(request.app[GATEWAY].metrics.registry)
+    body = request.app[GATEWAY].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

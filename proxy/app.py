@@ -62,9 +62,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Gateway:
     """State shared by the public and admin listeners of one gateway process."""
 
-    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.policy = AddressPolicy.from_allow_list(settings.allowed_provider_hosts)
         self.tokens = TokenStore(
             provider_tokens=(

@@ -19,6 +19,9 @@ ENV_PREFIX = "GATEWAY_"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MAX_WORKERS = 64
+"""Upper bound of ``GATEWAY_WORKERS``. Each worker keeps its own snapshot and connections."""
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the variable."""
@@ -176,7 +179,12 @@ class Settings:
     auth_failure_window_s: float = _setting(
         60.0, _duration, "window of the failed token attempt limit"
     )
-    workers: int = _setting(1, _count, "worker processes (only 1 is supported for now)")
+    workers: int = _setting(
+        1,
+        _count,
+        f"gateway processes sharing both ports with SO_REUSEPORT, 1-{MAX_WORKERS}; more than 1 "
+        "needs a shared registry (not memory://) and fixed ports",
+    )
     log_format: str = _setting("text", _choice("text", "json"), "log line format")
     log_level: str = _setting(
         "info", _choice("debug", "info", "warning", "error"), "lowest level logged"
@@ -207,18 +215,21 @@ class Settings:
                 f"{env_name('client_concurrency')} caps requests per client key and needs "
                 f"{env_name('client_keys_file')}"
             )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(
+                f"{env_name('workers')}={self.workers} is out of range: use 1 to {MAX_WORKERS}, "
+                "usually one worker per CPU core"
+            )
         if self.workers > 1 and self.registry_url.startswith("memory:"):
             raise ConfigError(
                 f"{env_name('workers')}={self.workers} needs a shared registry: each worker "
                 "would hold its own memory:// registry. Set GATEWAY_REGISTRY_URL to redis://..."
             )
-        if self.workers > 1:
-            # TODO: pre-forked workers sharing the port with SO_REUSEPORT, with Prometheus
-            # multiprocess metrics. Until then more than one worker is rejected, not ignored.
+        if self.workers > 1 and 0 in (self.port, self.admin_port):
             raise ConfigError(
-                f"{env_name('workers')}={self.workers}: more than one worker process is not "
-                "supported yet. Run one gateway per core on its own port behind the load "
-                "balancer, all on the same Redis registry."
+                f"{env_name('workers')}={self.workers} needs fixed ports: with port 0 every "
+                f"worker would listen on a port of its own. Set {env_name('port')} and "
+                f"{env_name('admin_port')}."
             )
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = [
     "ACCESS_LOGGER",
     "HttpServerLogger",
     "RateLimiter",
+    "WorkerFields",
     "configure_logging",
     "printable",
 ]
@@ -46,13 +48,67 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(log_format: str, level: str) -> None:
-    """Send every log line to stderr in the chosen format."""
+class TextFormatter(logging.Formatter):
+    """Formatter of text lines that formats the date and time once per second.
+
+    ``logging.Formatter`` calls ``time.strftime`` for every record, and the access log
+    writes a record per request.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._date_time = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._date_time = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._date_time},{int(record.msecs):03d}"
+
+
+class WorkerFields(logging.Filter):
+    """Log filter that adds ``worker`` (the slot index) and ``pid`` to every record."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+        # Read once: a worker is started as a new interpreter, never forked.
+        self._pid = os.getpid()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._worker
+        record.pid = self._pid
+        return True
+
+
+def configure_logging(log_format: str, level: str, *, worker: int | None = None) -> None:
+    """Send every log line to stderr in the chosen format.
+
+    ``worker`` is the slot of a worker process started by the supervisor: its lines carry
+    the slot and the process id (JSON fields ``worker`` and ``pid``), so that the lines of
+    several workers sharing one stderr can be distinguished.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
+    elif worker is None:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            TextFormatter(
+                "%(asctime)s %(levelname)s [worker %(worker)s pid %(pid)s] %(name)s: %(message)s"
+            )
+        )
+    if worker is not None:
+        handler.addFilter(WorkerFields(worker))
+    # Neither format shows the source file, line or thread of a record, so they are not
+    # collected: finding the caller walks the stack on every record.
+    logging._srcfile = None
+    logging.logThreads = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

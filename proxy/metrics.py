@@ -5,10 +5,20 @@ words, statuses HTTP codes, and models either a model that had a live provider w
 this process ran or ``other``. No label ever contains a public key, a request id, a model
 name chosen by a client or a URL with credentials.
 
-Three families are computed rather than counted in place: the streams in flight
-(``Gauge.set_function`` on the forwarder), the live providers and keys per model
-(refreshed from the registry by ``refresh_provider_gauges_forever``), and the registry's
-own counters (``export_registry_stats``, for backends that keep a stats dataclass).
+Some families are computed rather than counted in place: the streams in flight and the
+draining flag (read from the gateway, see ``ComputedSources``), the live providers and
+keys per model (refreshed from the registry by ``refresh_provider_gauges_forever``), and
+the registry's own counters (for backends that keep a stats dataclass).
+
+Multiprocess mode (``GATEWAY_WORKERS`` above 1, see ``proxy.workers``): prometheus_client
+keeps every value in a file under ``PROMETHEUS_MULTIPROC_DIR``, and /metrics, served by
+any one worker, merges the files of all workers. Counters and histograms are summed,
+including the counts of workers that have exited. Gauges counted in place are summed over
+live workers (``livesum``). Computed values are not in any file, so each worker copies
+them into file-backed families every ``SAMPLE_INTERVAL_S`` and before it serves a scrape
+(``sample_sources``). The live provider and key counts describe the shared registry, so
+the worker that serves the scrape reports its own counts; from files, a model whose providers left
+would keep its series, because prometheus_client cannot remove labelled series there.
 """
 
 from __future__ import annotations
@@ -17,19 +27,25 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from registry import Registry, RegistryUnavailable
 
 __all__ = [
     "OTHER_MODEL",
+    "SAMPLE_INTERVAL_S",
+    "ComputedSources",
     "Metrics",
     "RegistryStatsCollector",
     "refresh_provider_gauges",
     "refresh_provider_gauges_forever",
+    "sample_sources_forever",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,15 +57,51 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 # Streams last from under a second to many minutes for long generations.
 _STREAM_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
+SAMPLE_INTERVAL_S = 1.0
+"""Multiprocess mode: period of each worker's copy of its computed values into files."""
+
+_LIVE_PROVIDERS_HELP = "Live provider endpoints per registered model, at the last refresh."
+_LIVE_KEYS_HELP = "Public keys with at least one live endpoint per registered model."
+_LOOKUPS_HELP = "Registry lookups by where the answer came from."
+
+
+@dataclass(frozen=True, slots=True)
+class ComputedSources:
+    """The callables that the computed families read. Each must be cheap and synchronous."""
+
+    streams_in_flight: Callable[[], int]
+    draining: Callable[[], bool]
+    registry_stats: Callable[[], object | None]
+    """The registry backend's stats dataclass, or None for a backend without one."""
+
 
 class Metrics:
-    """The gateway's metric families, registered in their own CollectorRegistry."""
+    """The gateway's metric families, registered in their own CollectorRegistry.
 
-    def __init__(self) -> None:
+    With ``multiprocess_dir`` (a worker of ``proxy.workers``), values live in files in
+    that directory and ``exposition()`` merges the files of every worker. prometheus_client
+    must then have been imported with ``PROMETHEUS_MULTIPROC_DIR`` set to the same
+    directory; RuntimeError is raised otherwise.
+    """
+
+    def __init__(self, *, multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None and prometheus_values.ValueClass is (
+            prometheus_values.MutexValue
+        ):
+            raise RuntimeError(
+                "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR in the environment "
+                "before prometheus_client is imported"
+            )
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
         self._request_children: dict[tuple[str, int, str], Counter] = {}
+        self._model_children: dict[tuple[str, str], Counter] = {}
         self.live_models: frozenset[str] = frozenset()
         """Models with a live provider at the last refresh; other names fold to ``other``."""
+        self._live_counts: dict[str, tuple[int, int]] = {}
+        self._sources: ComputedSources | None = None
+        self._stats_counters: dict[str, Counter] = {}
+        self._stats_seen: dict[tuple[str, str | None], int] = {}
 
         self.requests = Counter(
             "e2ee_gateway_requests",
@@ -88,20 +140,25 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        # multiprocess_mode matters only in multiprocess mode: livesum adds up the workers
+        # that are alive, livemax is 1 while any of them drains.
         self.in_flight = Gauge(
             "e2ee_gateway_requests_in_flight",
             "Requests being served on both listeners, health probes and /metrics excluded.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.streams_in_flight = Gauge(
             "e2ee_gateway_streams_in_flight",
             "SSE streams being relayed to clients.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.draining = Gauge(
             "e2ee_gateway_draining",
             "1 from the shutdown signal on (/readyz answers 503), else 0.",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.time_to_first_byte = Histogram(
             "e2ee_gateway_time_to_first_byte_seconds",
@@ -126,18 +183,16 @@ class Metrics:
             "Registry calls that failed because the registry was unreachable.",
             registry=self.registry,
         )
-        self.live_providers = Gauge(
-            "e2ee_gateway_live_providers",
-            "Live provider endpoints per registered model, at the last refresh.",
-            ["model"],
-            registry=self.registry,
-        )
-        self.live_keys = Gauge(
-            "e2ee_gateway_live_keys",
-            "Public keys with at least one live endpoint per registered model.",
-            ["model"],
-            registry=self.registry,
-        )
+        live_providers = LiveProvidersCollector(lambda: self._live_counts)
+        self.registry.register(live_providers)
+
+        # What /metrics exposes: this registry, or in multiprocess mode the files of every
+        # worker plus this worker's live provider counts.
+        self._exposed = self.registry
+        if multiprocess_dir is not None:
+            self._exposed = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(self._exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self._exposed.register(live_providers)
 
     def model_label(self, model: str | None, *, routed: bool) -> str:
         """Return the label value for a client's model string.
@@ -170,7 +225,13 @@ class Metrics:
             child = self._request_children[key] = self.requests.labels(route, str(status), outcome)
         child.inc()
         if model is not None:
-            self.model_requests.labels(self.model_label(model, routed=routed), outcome).inc()
+            model_key = (self.model_label(model, routed=routed), outcome)
+            model_child = self._model_children.get(model_key)
+            if model_child is None:
+                model_child = self._model_children[model_key] = self.model_requests.labels(
+                    *model_key
+                )
+            model_child.inc()
         if ttft_s is not None:
             self.time_to_first_byte.observe(ttft_s)
             self.stream_duration.observe(duration_s)
@@ -183,58 +244,136 @@ class Metrics:
         Models absent from ``counts`` lose their series, so a model whose providers all
         left does not keep one for the life of the process.
         """
-        for model in self.live_models - counts.keys():
-            self.live_keys.remove(model)
-            self.live_providers.remove(model)
-        for model, (keys, endpoints) in counts.items():
-            self.live_keys.labels(model).set(keys)
-            self.live_providers.labels(model).set(endpoints)
+        self._live_counts = dict(counts)
         self.live_models = frozenset(counts)
 
-    def export_registry_stats(self, source: Callable[[], object | None]) -> None:
-        """Export the counters of the stats dataclass that ``source`` returns at each scrape."""
-        self.registry.register(RegistryStatsCollector(source))
+    def connect_sources(self, sources: ComputedSources) -> None:
+        """Read the computed families from ``sources``: at each scrape, or by sampling.
+
+        In one process the gauges call the sources when scraped. In multiprocess mode
+        ``sample_sources()`` copies their values into file-backed families instead.
+        """
+        if self.multiprocess_dir is not None:
+            self._sources = sources
+            self.sample_sources()
+            return
+        self.streams_in_flight.set_function(sources.streams_in_flight)
+        self.draining.set_function(lambda: int(sources.draining()))
+        self.registry.register(RegistryStatsCollector(sources.registry_stats))
+
+    def sample_sources(self) -> None:
+        """Multiprocess mode: copy the computed values of this worker into its files.
+
+        The registry counters grow by what they gained since the last sample, so the
+        merged totals keep the counts of workers that have exited.
+        """
+        sources = self._sources
+        if sources is None:
+            return
+        self.streams_in_flight.set(sources.streams_in_flight())
+        self.draining.set(int(sources.draining()))
+        for stat in registry_stat_samples(sources.registry_stats()):
+            key = (stat.family, stat.source)
+            gained = stat.value - self._stats_seen.get(key, 0)
+            self._stats_seen[key] = stat.value
+            counter = self._stats_counter(stat)
+            child = counter if stat.source is None else counter.labels(stat.source)
+            # A counter that went down was reset (a new stats object): count it again.
+            child.inc(gained if gained >= 0 else stat.value)
+
+    def _stats_counter(self, stat: RegistryStat) -> Counter:
+        counter = self._stats_counters.get(stat.family)
+        if counter is None:
+            counter = self._stats_counters[stat.family] = Counter(
+                stat.family,
+                stat.help,
+                [] if stat.source is None else ["source"],
+                registry=self.registry,
+            )
+        return counter
+
+    def exposition(self) -> bytes:
+        """Return the /metrics body in the Prometheus text format."""
+        self.sample_sources()
+        return generate_latest(self._exposed)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStat:
+    """One integer field of a registry stats dataclass, as a counter family and label."""
+
+    family: str
+    help: str
+    source: str | None
+    value: int
+
+
+def registry_stat_samples(stats: object | None) -> list[RegistryStat]:
+    """Map the integer fields of a stats dataclass to counter samples, and None to none.
+
+    Fields named ``lookups_<source>`` become one family, ``e2ee_gateway_registry_lookups``
+    with a ``source`` label; every other field ``f`` becomes ``e2ee_gateway_registry_f``.
+    """
+    if stats is None or not dataclasses.is_dataclass(stats) or isinstance(stats, type):
+        return []
+    samples = []
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if field.name.startswith("lookups_"):
+            source = field.name.removeprefix("lookups_")
+            samples.append(
+                RegistryStat("e2ee_gateway_registry_lookups", _LOOKUPS_HELP, source, value)
+            )
+        else:
+            family = f"e2ee_gateway_registry_{field.name}"
+            samples.append(RegistryStat(family, f"Registry counter {field.name}.", None, value))
+    return samples
 
 
 class RegistryStatsCollector(Collector):
     """Exports the integer fields of a registry's stats dataclass as counters.
 
-    Fields named ``lookups_<source>`` become one family, ``e2ee_gateway_registry_lookups``
-    with a ``source`` label; every other field ``f`` becomes ``e2ee_gateway_registry_f``.
-    ``source`` may return None (a backend without stats): nothing is exported then. The
-    values must only grow, as Prometheus counters do.
+    The families are those of ``registry_stat_samples``. ``source`` may return None (a
+    backend without stats): nothing is exported then. The values must only grow, as
+    Prometheus counters do.
     """
 
     def __init__(self, source: Callable[[], object | None]) -> None:
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._source()
-        if stats is None or not dataclasses.is_dataclass(stats) or isinstance(stats, type):
-            return
         lookups = CounterMetricFamily(
-            "e2ee_gateway_registry_lookups",
-            "Registry lookups by where the answer came from.",
-            labels=["source"],
+            "e2ee_gateway_registry_lookups", _LOOKUPS_HELP, labels=["source"]
         )
         others: list[Metric] = []
-        for field in dataclasses.fields(stats):
-            value = getattr(stats, field.name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                continue
-            if field.name.startswith("lookups_"):
-                lookups.add_metric([field.name.removeprefix("lookups_")], value)
+        for stat in registry_stat_samples(self._source()):
+            if stat.source is not None:
+                lookups.add_metric([stat.source], stat.value)
             else:
-                others.append(
-                    CounterMetricFamily(
-                        f"e2ee_gateway_registry_{field.name}",
-                        f"Registry counter {field.name}.",
-                        value=value,
-                    )
-                )
+                others.append(CounterMetricFamily(stat.family, stat.help, value=stat.value))
         if lookups.samples:
             yield lookups
         yield from others
+
+
+class LiveProvidersCollector(Collector):
+    """Collector of the live endpoints and keys per model, from ``{model: (keys, endpoints)}``."""
+
+    def __init__(self, counts: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        providers = GaugeMetricFamily(
+            "e2ee_gateway_live_providers", _LIVE_PROVIDERS_HELP, labels=["model"]
+        )
+        keys = GaugeMetricFamily("e2ee_gateway_live_keys", _LIVE_KEYS_HELP, labels=["model"])
+        for model, (key_count, endpoint_count) in self._counts().items():
+            providers.add_metric([model], endpoint_count)
+            keys.add_metric([model], key_count)
+        yield providers
+        yield keys
 
 
 async def refresh_provider_gauges(metrics: Metrics, registry: Registry) -> None:
@@ -264,3 +403,10 @@ async def refresh_provider_gauges_forever(
         except RegistryUnavailable as exc:
             logger.debug("provider gauges not refreshed: %s", exc)
         await asyncio.sleep(interval_s)
+
+
+async def sample_sources_forever(metrics: Metrics, interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    """Multiprocess mode: call ``metrics.sample_sources()`` every ``interval_s`` until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        metrics.sample_sources()

@@ -15,7 +15,12 @@ from aiohttp import web
 from proxy.app import GATEWAY, Gateway, cancel_and_wait, create_admin_app, create_public_app
 from proxy.config import Settings, describe
 from proxy.logs import HttpServerLogger
-from proxy.metrics import refresh_provider_gauges_forever
+from proxy.metrics import (
+    ComputedSources,
+    Metrics,
+    refresh_provider_gauges_forever,
+    sample_sources_forever,
+)
 from registry import Registry, redact_url
 
 __all__ = ["RunningGateway", "start_gateway"]
@@ -166,16 +171,21 @@ async def start_gateway(
     *,
     registry: Registry | None = None,
     provider_gauges_interval_s: float = PROVIDER_GAUGES_INTERVAL_S,
+    metrics: Metrics | None = None,
+    reuse_port: bool = False,
 ) -> RunningGateway:
     """Open the gateway and bind both listeners; port 0 picks a free port.
 
     ``registry`` injects an already open registry that the caller keeps and closes.
     ``provider_gauges_interval_s`` is the period of the live provider gauges' refresh.
+    ``metrics`` replaces the default single-process Metrics (a worker passes multiprocess
+    ones). ``reuse_port`` sets SO_REUSEPORT on both listeners, so that the workers of
+    ``proxy.workers`` share the ports.
     """
     logger.info(
         "starting with %s", _settings_line(settings), extra={"settings": _loggable(settings)}
     )
-    gateway = Gateway(settings, registry=registry)
+    gateway = Gateway(settings, registry=registry, metrics=metrics)
     public_app = create_public_app(gateway)
     _add_telemetry(public_app, provider_gauges_interval_s)
     public_app.on_response_prepare.append(_close_after_drain_delay)
@@ -192,7 +202,13 @@ async def start_gateway(
         **_SERVER_OPTIONS,
     )
     await public_runner.setup()
-    public_site = web.TCPSite(public_runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG)
+    public_site = web.TCPSite(
+        public_runner,
+        settings.host,
+        settings.port,
+        backlog=_LISTEN_BACKLOG,
+        reuse_port=reuse_port,
+    )
     try:
         await public_site.start()
     except OSError:
@@ -203,7 +219,9 @@ async def start_gateway(
         create_admin_app(gateway), access_log=None, shutdown_timeout=1.0, **_SERVER_OPTIONS
     )
     await admin_runner.setup()
-    admin_site = web.TCPSite(admin_runner, settings.admin_host, settings.admin_port)
+    admin_site = web.TCPSite(
+        admin_runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port
+    )
     try:
         await admin_site.start()
     except OSError:
@@ -236,16 +254,26 @@ def _add_telemetry(app: web.Application, gauges_interval_s: float) -> None:
     async def telemetry(app: web.Application) -> AsyncIterator[None]:
         gateway = app[GATEWAY]
         metrics = gateway.metrics
-        metrics.streams_in_flight.set_function(lambda: gateway.forwarder.streams_in_flight)
-        metrics.draining.set_function(lambda: int(gateway.draining))
-        # Backends without a ``stats`` attribute export nothing here.
-        metrics.export_registry_stats(lambda: getattr(gateway.registry, "stats", None))
+        sources = ComputedSources(
+            streams_in_flight=lambda: gateway.forwarder.streams_in_flight,
+            draining=lambda: gateway.draining,
+            # Backends without a ``stats`` attribute export nothing here.
+            registry_stats=lambda: getattr(gateway.registry, "stats", None),
+        )
+        metrics.connect_sources(sources)
         refresher = asyncio.create_task(
             refresh_provider_gauges_forever(metrics, lambda: gateway.registry, gauges_interval_s),
             name="provider-gauges",
         )
+        sampler = None
+        if metrics.multiprocess_dir is not None:
+            sampler = asyncio.create_task(sample_sources_forever(metrics), name="metrics-sampler")
         yield
         await cancel_and_wait(refresher, "gateway closing")
+        if sampler is not None:
+            await cancel_and_wait(sampler, "gateway closing")
+            # Registry counts gained since the last sample would be lost with this worker.
+            metrics.sample_sources()
 
     app.cleanup_ctx.append(telemetry)
 

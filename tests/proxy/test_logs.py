@@ -33,7 +33,7 @@ from gateway_harness import (
     wait_listening,
 )
 
-from proxy.logs import ACCESS_LOGGER, JsonFormatter
+from proxy.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter
 from proxy.server import RunningGateway, start_gateway
 from registry import MemoryRegistry
 
@@ -306,3 +306,22 @@ async def test_full_run_logs_contain_no_secret(
     assert {line["status"] for line in access} >= {200, 421, 401}
     assert any(line["message"].startswith("starting with ") for line in gateway_lines)
     assert gateway_lines[-1]["message"] == "stopped"
+
+
+_SHARED_TEXT_FORMATTER = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@pytest.mark.parametrize(
+    "created",
+    [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0005, 1_700_000_059.5, 1_700_003_600.25],
+)
+def test_text_formatter_matches_stdlib_time(created: float) -> None:
+    # One formatter sees the times in order, as a process does, so its per-second cache
+    # is crossed at each boundary; logging.Formatter is the reference.
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    record = logging.LogRecord("proxy.access", logging.INFO, "", 0, "line %s", ("x",), None)
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+
+    assert TextFormatter(fmt).format(record) == logging.Formatter(fmt).format(record)
+    assert _SHARED_TEXT_FORMATTER.format(record) == logging.Formatter(fmt).format(record)
