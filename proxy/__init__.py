@@ -9,6 +9,9 @@ Map of the package::
     handlers   public listener: routed requests, /v1/models, attestation reports, health
     admin      admin listener: heartbeats, deregistration, provider list, /metrics
     forward    one request to a provider: attempts, retries, relay of bodies and streams
+    upstream   the HTTP/1.1 client of forward: connection pool per provider origin
+    upstream_connection
+               one provider connection: request writing, response parsing, flow control
     routing    provider choice (least outstanding requests) and passive ejection
     headers    E2EE header validation and the headers that cross the gateway
     sse        event framing checks on a reassembly buffer

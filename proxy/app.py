@@ -1,7 +1,7 @@
 """Application factories, shared gateway state and the middlewares of both listeners.
 
 ``Gateway`` contains what both listeners share: settings, the registry, the upstream
-ClientSession and Forwarder, metrics and tokens. The public app opens and closes it in
+connection pool and Forwarder, metrics and tokens. The public app opens and closes it in
 its ``cleanup_ctx``; the admin app reads the same object.
 """
 
@@ -40,6 +40,7 @@ from proxy.headers import client_request_id
 from proxy.logs import ACCESS_LOGGER, printable
 from proxy.metrics import Metrics
 from proxy.routing import Balancer
+from proxy.upstream import UpstreamPool
 from proxy.urlcheck import AddressPolicy, GuardedResolver
 from registry import Registry, open_registry, redact_url
 from registry.base import RegistryUnavailable
@@ -108,6 +109,7 @@ class Gateway:
         """Client connections with a request in progress, so that draining spares them."""
         self._injected_registry = registry
         self._registry = registry
+        self._pool: UpstreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
         self._attestation: AttestationChecker | None = None
@@ -147,25 +149,30 @@ class Gateway:
         await self._registry.start()
         # One provider that accepts connections and never responds can keep at most
         # max_connections_per_provider of them; requests to other providers never queue.
+        self._pool = UpstreamPool(
+            self.policy,
+            limit_per_origin=settings.max_connections_per_provider,
+            keepalive_s=settings.upstream_keepalive_s,
+            connect_timeout_s=settings.connect_timeout_s,
+        )
+        # aiohttp's client session serves the other provider requests (attestation
+        # reports), with the same address policy and connection limit.
         connector = aiohttp.TCPConnector(
             limit=0,
             limit_per_host=settings.max_connections_per_provider,
             keepalive_timeout=settings.upstream_keepalive_s,
             resolver=GuardedResolver(self.policy),
         )
-        # auto_decompress=False: bodies are relayed byte for byte, so Content-Encoding
-        # and Content-Length keep describing the bytes the client receives.
+        # The reports are parsed here, not relayed, so a compressed one is decompressed.
         self._session = aiohttp.ClientSession(
             connector=connector,
-            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._recorder = CompletionRecorder(self._registry, self.metrics, settings.signature_ttl_s)
         self._forwarder = Forwarder(
-            self._session,
+            self._pool,
             self.balancer,
-            connect_timeout_s=settings.connect_timeout_s,
             first_byte_timeout_s=settings.first_byte_timeout_s,
             idle_timeout_s=settings.idle_timeout_s,
             request_timeout_s=settings.request_timeout_s,
@@ -188,11 +195,13 @@ class Gateway:
         )
 
     async def aclose(self) -> None:
-        """Stop the reaper and close the session and the registry this object opened."""
+        """Stop the reaper and close the connections and the registry this object opened."""
         if self._reaper is not None:
             await cancel_and_wait(self._reaper, "gateway closing")
         if self._recorder is not None:
             await self._recorder.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
         if self._session is not None:
             await self._session.close()
         if self._registry is not None and self._injected_registry is None:

@@ -6,14 +6,13 @@ timeout gets its 504 at once and is never retried. Once the client's status line
 failures can only be reported inside the stream, as one error event
 (``sse.error_frame``), and the stream ends without ``data: [DONE]``.
 
-Foreign errors (aiohttp client exceptions, asyncio timeouts) are translated here and
-nowhere else into ``proxy.errors`` classes or stream outcomes.
+Foreign errors (``proxy.upstream`` client exceptions, asyncio timeouts) are translated
+here and nowhere else into ``proxy.errors`` classes or stream outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import random
 import time
@@ -21,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -31,6 +29,13 @@ from proxy.errors import ProviderUnavailable, UpstreamTimeout
 from proxy.headers import filter_response_headers
 from proxy.metrics import Metrics
 from proxy.routing import Balancer, Target
+from proxy.upstream import (
+    BadResponse,
+    ConnectionLost,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 __all__ = ["MAX_ATTEMPTS", "Exchange", "Forwarder"]
 
@@ -49,9 +54,6 @@ HELD_BODY_LIMIT = 8 * 1024 * 1024
 # Bytes held while waiting for the first complete event. A first event larger than
 # this is relayed without inspection rather than buffered without bound.
 FIRST_EVENT_HOLD_LIMIT = 1024 * 1024
-
-# Request bodies above this size are sent to the provider from a file-like object.
-_LARGE_BODY_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -90,14 +92,15 @@ class _ProviderFailure(Exception):
         incomplete."""
         self.counts_as_failure = counts_as_failure
         self.closed_before_response = closed_before_response
-        """The connection closed before any response byte: maybe a pooled one gone stale."""
+        """A reused pooled connection closed before any response byte: it may have been
+        closed by the provider as idle while the request was on its way."""
 
 
 @dataclass(slots=True)
 class _Held:
     """An upstream response whose status line has not been sent to the client yet."""
 
-    upstream: aiohttp.ClientResponse
+    upstream: UpstreamResponse
     streaming: bool
     buffered: bytes = b""
     event_stream: bool = True
@@ -107,14 +110,13 @@ class _Held:
 
 
 class Forwarder:
-    """Forwards requests over one shared ClientSession and picks endpoints with a Balancer."""
+    """Forwards requests over one shared UpstreamPool and picks endpoints with a Balancer."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         balancer: Balancer,
         *,
-        connect_timeout_s: float,
         first_byte_timeout_s: float,
         idle_timeout_s: float,
         request_timeout_s: float,
@@ -122,15 +124,12 @@ class Forwarder:
         metrics: Metrics,
         on_completion: Callable[[str, Target, str], None] | None = None,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._balancer = balancer
         self._metrics = metrics
         self._on_completion = on_completion
         self._streams: dict[asyncio.Task[Any], Exchange] = {}
         self._aborting: set[asyncio.Task[Any]] = set()
-        self._connect_timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect_timeout_s, sock_read=None
-        )
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -158,6 +157,7 @@ class Forwarder:
         """
         tried: list[Target] = []
         replaced_stale_connection = False
+        fresh_connection = False
         while True:
             # Choose an endpoint: untried ones first, and for unpinned requests the
             # ones not ejected after recent failures.
@@ -172,10 +172,11 @@ class Forwarder:
                 not pinned and exchange.attempts < MAX_ATTEMPTS and len(tried) < len(targets)
             )
             self._balancer.started(target)
+            fresh, fresh_connection = fresh_connection, False
             try:
                 try:
                     held = await self._attempt(
-                        request, target, body, headers, stream, retry_error_event
+                        request, target, body, headers, stream, retry_error_event, fresh=fresh
                     )
                 except UpstreamTimeout:
                     self._metrics.upstream_attempts.labels("timeout").inc()
@@ -197,11 +198,12 @@ class Forwarder:
                 self._metrics.upstream_attempts.labels(failure.kind).inc()
                 if failure.closed_before_response and not replaced_stale_connection:
                     # Providers close idle keep-alive connections (uvicorn after 5 s), so
-                    # a pooled connection can be dead when reused. One immediate retry on
-                    # a fresh connection is not an attempt. NOTE: aiohttp does not say
-                    # whether the connection was pooled, so a provider that closes fresh
-                    # connections at once also gets this one free retry.
+                    # a pooled connection can be closed while the request is on its way.
+                    # One immediate retry on a new connection is not an attempt. Only a
+                    # reused connection gets it: a provider that closes new connections
+                    # at once gets no free retry.
                     replaced_stale_connection = True
+                    fresh_connection = True
                     self._metrics.upstream_retries.labels("stale_connection").inc()
                     exchange.attempts -= 1
                     tried.pop()
@@ -246,30 +248,37 @@ class Forwarder:
         headers: CIMultiDict[str],
         stream: bool,
         retry_error_event: bool,
+        *,
+        fresh: bool,
     ) -> _Held:
-        """Open the upstream request and wait until the client's status can be decided."""
+        """Open the upstream request and wait until the client's status can be decided.
+
+        With ``fresh``, the request goes out on a new connection rather than a pooled one.
+        """
         deadline = self._first_byte_timeout_s if stream else self._request_timeout_s
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(deadline):
-                upstream = await self._session.request(
+                upstream = await self._pool.request(
                     request.method,
-                    target.url + request.rel_url.path_qs,
-                    data=_request_payload(body),
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._connect_timeout,
+                    target.url,
+                    request.rel_url.raw_path_qs,
+                    headers,
+                    body,
+                    fresh=fresh,
                 )
                 held = await self._hold(upstream, stream, retry_error_event)
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             if upstream is not None:
                 upstream.close()
+            # Only a malformed response head is a bad_response. A body cut short counts
+            # as a connection failure, as a reset does.
             raise _ProviderFailure(
-                _describe_client_error(exc),
-                kind="bad_response"
-                if isinstance(exc, aiohttp.ClientResponseError)
-                else "connect_error",
-                closed_before_response=upstream is None and _is_closed_connection(exc),
+                str(exc),
+                kind="bad_response" if isinstance(exc, BadResponse) else "connect_error",
+                closed_before_response=isinstance(exc, ConnectionLost)
+                and exc.reused
+                and not exc.response_started,
             ) from exc
         except TimeoutError:
             if upstream is not None:
@@ -291,7 +300,7 @@ class Forwarder:
         return held
 
     async def _hold(
-        self, upstream: aiohttp.ClientResponse, stream: bool, retry_error_event: bool
+        self, upstream: UpstreamResponse, stream: bool, retry_error_event: bool
     ) -> _Held:
         """Read what decides the client's status: headers, and for streams the first event."""
         status = upstream.status
@@ -303,7 +312,7 @@ class Forwarder:
             logger.error(
                 "provider %s rejected the gateway's credentials with status %d; check "
                 "GATEWAY_UPSTREAM_TOKEN_FILE",
-                upstream.url.origin(),
+                upstream.origin,
                 status,
             )
             raise ProviderUnavailable("upstream_auth_failed")
@@ -315,7 +324,7 @@ class Forwarder:
         buffer = bytearray()
         found: tuple[int, bytes] | None = None
         while len(buffer) <= FIRST_EVENT_HOLD_LIMIT:
-            chunk = await upstream.content.readany()
+            chunk = await upstream.readany()
             if not chunk:
                 upstream.close()
                 raise _ProviderFailure(
@@ -341,11 +350,11 @@ class Forwarder:
         first_event = found[1] if found is not None else b""
         return _Held(upstream, streaming=True, buffered=bytes(buffer), first_event=first_event)
 
-    async def _hold_body(self, upstream: aiohttp.ClientResponse) -> _Held:
+    async def _hold_body(self, upstream: UpstreamResponse) -> _Held:
         """Read a whole body, or its first HELD_BODY_LIMIT bytes to relay the rest as it comes."""
         body = bytearray()
         while True:
-            chunk = await upstream.content.readany()
+            chunk = await upstream.readany()
             if not chunk:
                 return _Held(upstream, streaming=False, buffered=bytes(body))
             body += chunk
@@ -389,17 +398,16 @@ class Forwarder:
 
             while True:
                 try:
-                    async with asyncio.timeout(self._idle_timeout_s):
-                        chunk = await upstream.content.readany()
+                    chunk = await upstream.readany(self._idle_timeout_s)
                 except TimeoutError:
                     failure = "upstream_idle_timeout"
                     break
-                except (aiohttp.ClientError, OSError) as exc:
+                except UpstreamError as exc:
                     logger.warning(
                         "provider %s broke the stream of request %s: %s",
-                        upstream.url.origin(),
+                        upstream.origin,
                         exchange.request_id,
-                        _describe_client_error(exc),
+                        exc,
                     )
                     failure = "upstream_reset"
                     break
@@ -492,16 +500,6 @@ def _failure_frame(failure: str, tail: bytes) -> bytes:
     return prefix + sse.error_frame(_FAILURE_MESSAGES[failure], failure)
 
 
-def _request_payload(body: bytes) -> bytes | io.BytesIO | None:
-    """Return the upstream request body in the form aiohttp sends without an extra copy."""
-    if len(body) <= _LARGE_BODY_BYTES:
-        return body or None
-    # aiohttp writes a bytes body in one piece, so the transport copies whatever the
-    # socket does not take at once (and aiohttp warns above 1 MiB); a file-like body
-    # goes out 64 KiB at a time. A new BytesIO per attempt: a retry sends it again.
-    return io.BytesIO(body)
-
-
 def _completion_id(held: _Held) -> str | None:
     """Return the completion id of a successful response, read from a copy of its bytes."""
     if held.upstream.status != 200:
@@ -511,28 +509,3 @@ def _completion_id(held: _Held) -> str | None:
     if not held.streaming:
         return completion_id_from_body(held.buffered)
     return None
-
-
-def _is_closed_connection(exc: aiohttp.ClientError) -> bool:
-    """Return whether an established connection was closed or reset (not a connect failure)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(
-        exc, aiohttp.ClientConnectorError
-    )
-
-
-def _describe_client_error(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connect failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "provider closed the connection before answering"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "connect timed out"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "the provider closed the connection before the response was complete"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        # The parser's message quotes raw header bytes over several lines; keep the first.
-        first_line = str(exc.message).splitlines()[0] if exc.message else ""
-        return f"invalid HTTP response from the provider: {first_line[:200]}"
-    return f"{type(exc).__name__}: {exc}"

@@ -3,8 +3,9 @@
 Without an allow-list, any host is accepted except loopback, link-local (which holds the
 cloud metadata address 169.254.169.254), unspecified and multicast addresses, and the
 name ``localhost``. With an allow-list (CIDRs and host names), only those are accepted.
-Registration never connects or resolves; ``GuardedResolver`` applies the same policy to
-every address a host name resolves to before aiohttp connects.
+Registration never connects or resolves. At connect time the same policy applies to
+every address a host name resolves to: ``proxy.upstream`` checks them for forwarded
+requests, and ``GuardedResolver`` for aiohttp's session (attestation report fetches).
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ class AddressPolicy:
             or address.is_multicast
         )
 
+    def allowed_addresses(self, host: str, addresses: Sequence[str]) -> list[str]:
+        """Return those of ``host``'s ``addresses`` the policy allows, or raise ForbiddenAddress."""
+        allowed = [
+            address for address in addresses if self.allows_address(ipaddress.ip_address(address))
+        ]
+        if not allowed:
+            raise ForbiddenAddress(f"provider host {host!r} resolves only to forbidden addresses")
+        return allowed
+
     def allows_host_name(self, name: str) -> bool:
         """Return whether a host name may be registered; its addresses are checked later."""
         name = name.lower().rstrip(".")
@@ -125,12 +135,8 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        allowed = [
-            r for r in results if self._policy.allows_address(ipaddress.ip_address(r["host"]))
-        ]
-        if not allowed:
-            raise ForbiddenAddress(f"provider host {host!r} resolves only to forbidden addresses")
-        return allowed
+        allowed = set(self._policy.allowed_addresses(host, [r["host"] for r in results]))
+        return [r for r in results if r["host"] in allowed]
 
     async def close(self) -> None:
         await self._inner.close()

@@ -1,7 +1,8 @@
 """Security properties not covered elsewhere: provider address checks, binds, token compares.
 
 - A provider host name that resolves to a forbidden address is refused when the
-  gateway connects, so no TCP connection reaches that address.
+  gateway connects, so no TCP connection reaches that address. The forwarding client
+  checks the addresses itself; ``GuardedResolver`` does it for aiohttp's session.
 - Registration checks the URL as text: it neither resolves nor connects.
 - Both listeners bind 127.0.0.1 unless configured otherwise.
 - Tokens are compared with ``hmac.compare_digest`` against every configured token.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import socket
 from collections.abc import Callable
@@ -31,11 +33,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from relay_harness import RawProvider
 
-import proxy.app
 from proxy.auth import TokenStore
 from proxy.config import Settings
 from proxy.server import start_gateway
-from proxy.urlcheck import AddressPolicy, GuardedResolver
+from proxy.urlcheck import AddressPolicy, ForbiddenAddress, GuardedResolver
 from registry import MemoryRegistry
 
 TEST_HOST = "provider.test"
@@ -73,26 +74,41 @@ class MappedResolver(AbstractResolver):
             )
         ]
 
+    async def getaddrinfo(self, host: str, port: int, **_: Any) -> list[Any]:
+        """Stand in for ``loop.getaddrinfo``, which the forwarding client resolves with."""
+        self.lookups += 1
+        if host not in self.addresses:
+            raise socket.gaierror(socket.EAI_NONAME, f"{host} is not mapped")
+        address = (self.addresses[host], port)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)]
+
     async def close(self) -> None:
         pass
 
 
+# The forwarding client resolves with the loop's getaddrinfo. The two cases without
+# 127.0.0.1 in the allow-list must not connect. The last one shows that the mapped name
+# does reach the provider when its address is allowed.
+RESOLVE_CASES = {
+    "name-allowed-address-not": ((TEST_HOST,), 502),
+    "default-policy": ((), 502),
+    "name-and-address-allowed": ((TEST_HOST, "127.0.0.1/32"), 200),
+}
+
+
 @pytest.mark.parametrize(
-    "allowed_hosts", [(TEST_HOST,), ()], ids=["name-allowed-address-not", "default-policy"]
+    ("allowed_hosts", "status"), RESOLVE_CASES.values(), ids=RESOLVE_CASES.keys()
 )
-async def test_name_resolving_to_loopback_never_contacted(
+async def test_forwarding_to_name_checks_resolved_address(
     make_settings: SettingsFactory,
     start_gateway_with: GatewayStarter,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
     allowed_hosts: tuple[str, ...],
+    status: int,
 ) -> None:
     mapped = MappedResolver({TEST_HOST: "127.0.0.1"})
-
-    def guarded(policy: AddressPolicy) -> GuardedResolver:
-        return GuardedResolver(policy, mapped)
-
-    monkeypatch.setattr(proxy.app, "GuardedResolver", guarded)
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", mapped.getaddrinfo)
     gateway = await start_gateway_with(make_settings(allowed_provider_hosts=allowed_hosts))
     key = new_key()
 
@@ -101,10 +117,29 @@ async def test_name_resolving_to_loopback_never_contacted(
         await Admin(http, gateway.admin_url).register(key, f"http://{TEST_HOST}:{port}")
         answer = await post_chat(http, gateway, pubkey=key, body=orjson.dumps({"model": MODEL}))
 
-        assert answer.status == 502
-        assert answer.body == UNAVAILABLE_BODY
+        assert answer.status == status
         assert mapped.lookups >= 1
-        assert provider.connections == 0
+        assert provider.connections == (1 if status == 200 else 0)
+    if status == 502:
+        assert answer.body == UNAVAILABLE_BODY
+
+
+@pytest.mark.parametrize(
+    ("allowed_hosts", "status"), RESOLVE_CASES.values(), ids=RESOLVE_CASES.keys()
+)
+async def test_guarded_resolver_checks_resolved_address(
+    allowed_hosts: tuple[str, ...], status: int
+) -> None:
+    """aiohttp's session (attestation report fetches) gets the same check from GuardedResolver."""
+    mapped = MappedResolver({TEST_HOST: "127.0.0.1"})
+    resolver = GuardedResolver(AddressPolicy.from_allow_list(allowed_hosts), mapped)
+
+    if status == 200:
+        results = await resolver.resolve(TEST_HOST, 443)
+        assert [result["host"] for result in results] == ["127.0.0.1"]
+    else:
+        with pytest.raises(ForbiddenAddress, match="resolves only to forbidden addresses"):
+            await resolver.resolve(TEST_HOST, 443)
 
 
 # Registration makes no network I/O.

@@ -39,14 +39,19 @@ class RawProvider:
     """A provider on a bare asyncio server that writes exactly the bytes a test gives it.
 
     Each connection reads one request (its head and a Content-Length body), records it,
-    then takes the next queued action, else ``default``. Use it as an async context
-    manager: leaving the block closes the listener and every connection still open.
+    then takes the next queued action, else ``default``. With ``keep_alive``, a
+    connection whose action wrote bytes reads the next request instead of closing. Use
+    it as an async context manager: leaving the block closes the listener and every
+    connection still open.
     """
 
-    def __init__(self, default: RawAction, *, pause_s: float = 0.0) -> None:
+    def __init__(
+        self, default: RawAction, *, pause_s: float = 0.0, keep_alive: bool = False
+    ) -> None:
         self.default = default
         self.pause_s = pause_s
         """Pause between the writes of a tuple action."""
+        self.keep_alive = keep_alive
         self.queue: deque[RawAction] = deque()
         self.requests: list[bytes] = []
         """Every request read, head and body, in arrival order."""
@@ -90,34 +95,41 @@ class RawProvider:
         self._tasks.add(task)
         self.connections += 1
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await reader.readexactly(_read_content_length(head))
-            self.requests.append(head + body)
-            action = self.queue.popleft() if self.queue else self.default
-            if action == "reset":
-                sock = writer.get_extra_info("socket")
-                # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
-                return
-            if action == "hang":
-                # Send nothing, and count the connection once the gateway gives up and closes it.
-                await reader.read()
-                self.closed_by_peer += 1
-                return
-            if isinstance(action, bytes):
-                action = (action,)
-            if isinstance(action, tuple):
-                for index, part in enumerate(action):
-                    if index and self.pause_s:
-                        await asyncio.sleep(self.pause_s)
-                    writer.write(part)
-                    await writer.drain()
+            while await self._serve_one(reader, writer) and self.keep_alive:
+                pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
             self._tasks.discard(task)
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read one request and act on it; return whether the connection may serve another."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readexactly(_read_content_length(head))
+        self.requests.append(head + body)
+        action = self.queue.popleft() if self.queue else self.default
+        if action == "reset":
+            sock = writer.get_extra_info("socket")
+            # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        if action == "hang":
+            # Send nothing, and count the connection once the gateway gives up and closes it.
+            await reader.read()
+            self.closed_by_peer += 1
+            return False
+        if action == "close":
+            return False
+        if isinstance(action, bytes):
+            action = (action,)
+        for index, part in enumerate(action):
+            if index and self.pause_s:
+                await asyncio.sleep(self.pause_s)
+            writer.write(part)
+            await writer.drain()
+        return True
 
 
 @dataclass(frozen=True, slots=True)

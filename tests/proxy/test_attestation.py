@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import sys
 from pathlib import Path
 
@@ -161,6 +162,25 @@ async def test_report_request_carries_fresh_nonce(
     assert "nonce=" in served.query
     assert f"model={MODEL}" in served.query
     assert "signing_algo=ed25519" in served.query
+
+
+async def test_gzipped_report_accepted(
+    start_gateway_with: GatewayStarter,
+    make_settings: SettingsFactory,
+    start_fake: FakeStarter,
+    http: aiohttp.ClientSession,
+) -> None:
+    # The gateway accepts compressed reports, so a provider may compress its report.
+    key = new_key()
+    report = {"model_attestations": [{"signing_algo": "ed25519", "signing_public_key": key}]}
+    headers = (*JSON_HEADERS, ("Content-Encoding", "gzip"))
+    fake = await start_fake(Reply(headers=headers, chunks=(gzip.compress(orjson.dumps(report)),)))
+    gateway = await _checking_gateway(start_gateway_with, make_settings)
+
+    answer = await Admin(http, gateway.admin_url).heartbeat(_body(key, fake.url))
+
+    assert answer.status == 200, answer.body
+    assert "gzip" in fake.served[0].headers.get("Accept-Encoding", "")
 
 
 async def test_verifier_command_decides(

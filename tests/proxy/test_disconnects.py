@@ -167,6 +167,35 @@ async def test_connection_lost_before_response_retried_free(
 ) -> None:
     caplog.set_level(logging.INFO)
     key = "ab" * 32
+    async with RawProvider(ok_reply(), keep_alive=True) as provider:
+        await admin.register(key, provider.url)
+        # The first request leaves its connection in the pool. The second one reuses it,
+        # and the provider closes it instead of responding.
+        warm = await post_chat(http, gateway, pubkey=key)
+        provider.then(first)
+        answer = await post_chat(http, gateway, pubkey=key)
+        metrics = await admin.metrics()
+
+    records = access_records(caplog, COMPLETIONS)
+    assert warm.status == 200
+    assert answer.status == 200
+    assert answer.body == b"".join(chat_events(2))
+    assert len(provider.requests) == 3
+    assert provider.connections == 2
+    assert [getattr(record, "attempts", None) for record in records] == [1, 1]
+    assert sample(metrics, "e2ee_gateway_upstream_retries_total", reason="stale_connection") == 1
+
+
+@pytest.mark.parametrize("first", ["close", "reset"])
+async def test_new_connection_lost_before_response_is_attempt(
+    gateway: RunningGateway,
+    admin: Admin,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    first: RawAction,
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = "ab" * 32
     async with RawProvider(ok_reply()) as provider:
         provider.then(first)
         await admin.register(key, provider.url)
@@ -176,7 +205,7 @@ async def test_connection_lost_before_response_retried_free(
     assert answer.status == 200
     assert answer.body == b"".join(chat_events(2))
     assert provider.connections == 2
-    assert [getattr(record, "attempts", None) for record in records] == [1]
+    assert [getattr(record, "attempts", None) for record in records] == [2]
 
 
 async def test_provider_resetting_every_connection_gets_502(
@@ -187,15 +216,19 @@ async def test_provider_resetting_every_connection_gets_502(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    demo = await start_demo(DemoConfig(model=MODEL, reset_before_headers=True))
+    demo = await start_demo(DemoConfig(model=MODEL))
     key = demo.config.keys.public_key_hex("ed25519")
     await admin.register(key, demo.url)
+    # A served request leaves a pooled connection, which the next request reuses.
+    warm = await post_chat(http, gateway, pubkey=key)
+    demo.config.reset_before_headers = True
 
     answer = await post_chat(http, gateway, pubkey=key)
 
     records = access_records(caplog, COMPLETIONS)
+    assert warm.status == 200
     assert answer.status == 502
     assert answer.body == UNAVAILABLE_BODY
-    # Three attempts, plus the one free retry for a connection that may have been stale.
-    assert demo.state.requests[COMPLETIONS] == 4
-    assert [getattr(record, "attempts", None) for record in records] == [3]
+    # Three attempts, plus the one free retry for the pooled connection.
+    assert demo.state.requests[COMPLETIONS] == 1 + 4
+    assert [getattr(record, "attempts", None) for record in records] == [1, 3]

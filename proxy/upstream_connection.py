@@ -1,0 +1,451 @@
+"""One HTTP/1.1 connection to a provider: request writing and response parsing.
+
+``UpstreamConnection`` is an asyncio protocol that carries one exchange at a time for
+``proxy.upstream``'s pool. It writes the request with flow control, parses the
+response with httptools (llhttp, the parser of Node.js) in its strict default mode,
+buffers the body for one reader and pauses reading while that buffer is full. The
+pool owns the connection through the ``ConnectionOwner`` callbacks.
+
+Exceptions::
+
+    UpstreamError                    any failure of an upstream exchange
+    ├── ConnectError (OSError)       no connection: name resolution, a forbidden address,
+    │                                refused, connect timeout, TLS handshake
+    ├── ConnectionLost (ConnectionError)
+    │                                the connection closed or was reset before the
+    │                                response head was complete
+    ├── BadResponse                  a malformed or ambiguously framed response head
+    └── PayloadError                 the body ended early or its chunked framing broke
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Protocol, cast
+
+import httptools
+from multidict import CIMultiDict
+
+__all__ = [
+    "BadResponse",
+    "ConnectError",
+    "ConnectionLost",
+    "ConnectionOwner",
+    "PayloadError",
+    "UpstreamConnection",
+    "UpstreamError",
+    "request_head",
+]
+
+# A request body up to this size goes out with the head in one write. A larger one is
+# written in pieces of _WRITE_PIECE_BYTES, each after the transport has drained.
+_SINGLE_WRITE_BYTES = 1024 * 1024
+_WRITE_PIECE_BYTES = 256 * 1024
+
+# Reading pauses while more body bytes than this wait for the reader, so a reader that
+# falls behind (a slow client) keeps about this plus one socket read in memory.
+_READ_HIGH_WATER = 256 * 1024
+
+# A response head (with any 1xx heads before it) larger than this is rejected.
+_MAX_HEAD_BYTES = 64 * 1024
+
+# Methods whose request without a body gets no Content-Length (RFC 9110 §8.6).
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class UpstreamError(Exception):
+    """An upstream exchange failed; the message is safe to log."""
+
+
+class ConnectError(UpstreamError, OSError):
+    """No connection could be opened to the provider."""
+
+
+class ConnectionLost(UpstreamError, ConnectionError):
+    """The connection closed or was reset before the response head was complete."""
+
+    def __init__(self, message: str, *, reused: bool, response_started: bool) -> None:
+        super().__init__(message)
+        self.reused = reused
+        """The connection had served an earlier response: the provider may have closed it
+        as idle while this request was on its way."""
+        self.response_started = response_started
+        """Some bytes of a response head had arrived."""
+
+
+class BadResponse(UpstreamError):
+    """The response head is malformed or its framing is ambiguous."""
+
+
+class PayloadError(UpstreamError):
+    """The response body ended before its declared end, or its chunked framing is invalid."""
+
+
+class ConnectionOwner(Protocol):
+    """The pool callbacks that a connection calls."""
+
+    def put(self, connection: UpstreamConnection) -> None:
+        """Take back a connection whose exchange ended cleanly, for reuse."""
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        """Free the slot of a connection that is closing; called once per connection."""
+
+    def closed(self, connection: UpstreamConnection) -> None:
+        """Note that the connection's socket is closed."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to a provider and the state of the exchange in progress on it.
+
+    The parser calls the ``on_*`` methods from ``data_received``. One task at a time
+    uses the connection, and it waits on ``_waiter``, which every change of state wakes.
+    """
+
+    def __init__(self, owner: ConnectionOwner) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.socket_closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.discarded = False
+        """The connection is closed or closing, and no longer counts against the limit."""
+        self.exchanges = 0
+        """Responses read completely on this connection."""
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self._writing_paused = False
+        self._reading_paused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0
+        self._begin_state("GET", active=False)
+
+    def _begin_state(self, method: str, *, active: bool) -> None:
+        self.active = active
+        self.head_request = method == "HEAD"
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.error: UpstreamError | None = None
+        self.received = 0
+        self._head_size = 0
+        self._interim = False
+        self._framed = False
+        self._body_unsent = False
+        self._chunks: list[bytes] = []
+        self.buffered = 0
+
+    # The exchange, driven by the one task that uses the connection.
+
+    def begin(self, method: str) -> None:
+        """Start an exchange; raise ConnectionLost when the connection closed while idle."""
+        reused = self.exchanges > 0
+        self._begin_state(method, active=True)
+        if self.discarded:
+            raise ConnectionLost(
+                "provider closed the connection before the request was sent",
+                reused=reused,
+                response_started=False,
+            )
+
+    async def send(self, head: bytes, body: bytes) -> None:
+        """Write the request; stop early if the response head arrives or the connection closes."""
+        transport = self.transport
+        assert transport is not None
+        if len(body) <= _SINGLE_WRITE_BYTES:
+            transport.write(head + body if body else head)
+            return
+        transport.write(head)
+        view = memoryview(body)
+        for offset in range(0, len(body), _WRITE_PIECE_BYTES):
+            while self._writing_paused and not (self.discarded or self.head_done):
+                await self._wait()
+            if self.discarded or self.head_done or transport.is_closing():
+                # An early response (such as 413) ends the request; the provider may not
+                # expect the rest of the body, so the connection is not reused.
+                self._body_unsent = True
+                return
+            transport.write(view[offset : offset + _WRITE_PIECE_BYTES])
+
+    async def read_head(self) -> None:
+        while not self.head_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+
+    async def read_body(self, idle_timeout_s: float | None) -> bytes:
+        """Return the body bytes buffered now, waiting for some if there are none."""
+        while True:
+            if self._chunks:
+                return self.take_buffered()
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait(idle_timeout_s)
+
+    def take_buffered(self) -> bytes:
+        """Return and clear the buffered body bytes; resume reading if it was paused."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self.buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not (self.discarded or self._body_unsent)
+
+    def finish(self) -> None:
+        """End the exchange: back to the pool when reusable, else closed."""
+        if not self.active:
+            return
+        self.active = False
+        self._cancel_idle_timer()
+        if self.reusable:
+            self.exchanges += 1
+            self._chunks = []
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            self.owner.put(self)
+        else:
+            self.abort()
+
+    def close(self) -> None:
+        """Close the connection after its buffered writes (idle connections, shutdown)."""
+        self.active = False
+        if self.transport is not None:
+            self.transport.close()
+        self._discard()
+
+    def abort(self) -> None:
+        """Close the connection at once, discarding buffered writes."""
+        self.active = False
+        self._cancel_idle_timer()
+        if self.transport is not None:
+            self.transport.abort()
+        self._discard()
+
+    def _discard(self) -> None:
+        if not self.discarded:
+            self.discarded = True
+            self.owner.forget(self)
+
+    async def _wait(self, timeout_s: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if timeout_s is not None:
+            # One timer serves many waits: when it fires before the current deadline it
+            # moves there, which saves scheduling and cancelling a timer per stream read.
+            # time.monotonic() rather than loop.time(): uvloop's loop time is cached per
+            # loop iteration in whole milliseconds, so a deadline derived from it can
+            # pass a fraction of a millisecond before the timeout has.
+            self._idle_deadline = time.monotonic() + timeout_s
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_later(timeout_s, self._idle_timer_fired)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _idle_timer_fired(self) -> None:
+        self._idle_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        remaining = self._idle_deadline - time.monotonic()
+        if remaining <= 0:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                remaining, self._idle_timer_fired
+            )
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active or self.complete:
+            # Unrequested bytes: the connection's state is unknown from here on.
+            self.keep_alive = False
+            self.abort()
+            return
+        self.received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                self.keep_alive = False
+                self.abort()
+            else:
+                self._fail(cause if isinstance(cause, UpstreamError) else _parse_error(self, exc))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(_parse_error(self, exc))
+        else:
+            if not self.head_done and self.received > _MAX_HEAD_BYTES:
+                self._fail(BadResponse(f"response head over {_MAX_HEAD_BYTES} bytes"))
+            elif self.buffered > _READ_HIGH_WATER and not self._reading_paused:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        # The transport closes itself; connection_lost decides what the end means.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.socket_closed.set_result(None)
+        self.owner.closed(self)
+        if not self.complete and self.error is None:
+            if not self.head_done:
+                self.error = ConnectionLost(
+                    "provider closed the connection before answering"
+                    if exc is None
+                    else f"provider reset the connection before answering: {exc}",
+                    reused=self.exchanges > 0,
+                    response_started=self.received > 0,
+                )
+            elif exc is None and not self._framed:
+                # A body without Content-Length or chunked framing ends with the
+                # connection (RFC 9112 §6.3).
+                self.complete = True
+            else:
+                self.error = PayloadError(
+                    "the provider closed the connection before the response was complete"
+                )
+        self._cancel_idle_timer()
+        self._discard()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self.abort()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Stop()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # trailer fields come after the head and are dropped
+            self.raw_headers.append((name, value))
+            self._head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if self._head_size > _MAX_HEAD_BYTES:
+            raise BadResponse(f"response head over {_MAX_HEAD_BYTES} bytes")
+        if not 100 <= status <= 599:
+            raise BadResponse(f"invalid HTTP response from the provider: status {status}")
+        if status == 101:
+            raise BadResponse("provider switched protocols (101) although no upgrade was asked")
+        if status < 200:
+            # An interim response (100 Continue, 103 Early Hints): the final one follows.
+            self._interim = True
+            self.raw_headers = []
+            return
+
+        self.status = status
+        framed = _has_framing(self.raw_headers)
+        self._framed = framed or status in (204, 304) or self.head_request
+        self.keep_alive = self._parser.should_keep_alive()
+        self.head_done = True
+        if self.head_request:
+            # httptools offers no way to tell llhttp that a HEAD response has no body,
+            # so the exchange ends here and the connection is not reused.
+            self.complete = True
+            self.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self.head_request:
+            self._chunks.append(body)
+            self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.keep_alive = self.keep_alive and self._parser.should_keep_alive()
+        self.complete = True
+
+
+def _has_framing(raw_headers: list[tuple[bytes, bytes]]) -> bool:
+    """Return whether Content-Length or chunked coding frames the body; raise BadResponse
+    for a Transfer-Encoding other than chunked."""
+    framed = False
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            # Only chunked may be applied, as no TE header is sent (RFC 9112 §6.1).
+            # llhttp already rejects Transfer-Encoding together with Content-Length.
+            if value.strip().lower() != b"chunked":
+                raise BadResponse(
+                    f"invalid HTTP response from the provider: Transfer-Encoding {value[:40]!r}"
+                )
+            framed = True
+        elif lowered == b"content-length":
+            framed = True
+    return framed
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing bytes that follow a complete response."""
+
+
+def _parse_error(connection: UpstreamConnection, exc: Exception) -> UpstreamError:
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if isinstance(exc, httptools.HttpParserUpgrade):
+        reason = "unexpected protocol upgrade"
+    if connection.head_done:
+        return PayloadError(f"invalid HTTP response body from the provider: {reason}")
+    return BadResponse(f"invalid HTTP response from the provider: {reason}")
+
+
+def request_head(
+    method: str, target: str, host_header: str, headers: CIMultiDict[str], body_length: int
+) -> bytes:
+    """Serialize a request line and header block; raise ValueError on CR, LF or NUL in them."""
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if body_length or method not in _NO_BODY_METHODS:
+        lines.append(f"Content-Length: {body_length}\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    # Each line ends with exactly one CRLF, so any other CR or LF came from a value.
+    line_count = len(lines) + 1
+    if text.count("\n") != line_count or text.count("\r") != line_count or "\x00" in text:
+        raise ValueError("CR, LF or NUL character in an upstream request line or header")
+    return text.encode("utf-8", "surrogateescape")
