@@ -129,6 +129,12 @@ class Gateway:
         return self._attestation
 
     @property
+    def recorder(self) -> CompletionRecorder:
+        if self._recorder is None:
+            raise RuntimeError("the gateway is not open")
+        return self._recorder
+
+    @property
     def forwarder(self) -> Forwarder:
         if self._forwarder is None:
             raise RuntimeError("the gateway is not open")

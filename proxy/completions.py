@@ -9,6 +9,7 @@ of the bytes; the relayed bytes are never touched.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 
@@ -64,35 +65,57 @@ def completion_id_from_event(block: bytes) -> str | None:
 class CompletionRecorder:
     """Writes completion records in the background, off the relay's path, in batches.
 
-    ``record()`` only queues. One writer task at a time sends everything queued in one
-    registry call (one script call for Redis), so under load many records share
-    a write, and when idle a record is written on the next event loop iteration. A failed
-    write is logged (rate-limited) and counted, never turned into a client error: the
+    ``record()`` only queues. One writer task at a time waits ``flush_interval_s``, then
+    sends everything queued in one registry call (one script call for Redis), so that
+    records share writes even at moderate rates: a write per record cost about 25 µs of
+    gateway CPU each in profiles of 64-event streams. Records not written yet are found
+    by ``pending()``, so a signature fetch on this replica never waits for the write;
+    other replicas retry their lookups for longer than the interval. A failed write is
+    logged (rate-limited) and counted, never turned into a client error: the
     completions themselves have succeeded.
     """
 
     def __init__(
-        self, registry: Registry, metrics: Metrics, ttl_s: float, *, max_batch: int = 500
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        ttl_s: float,
+        *,
+        max_batch: int = 500,
+        flush_interval_s: float = 0.01,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
         self._ttl_s = ttl_s
         self._max_batch = max_batch
-        self._queued: list[tuple[str, CompletionRecord]] = []
+        self._flush_interval_s = flush_interval_s
+        self._queued: dict[str, CompletionRecord] = {}
+        self._writing: dict[str, CompletionRecord] = {}
         self._writer: asyncio.Task[None] | None = None
         self._failure_log = RateLimiter(interval_s=10.0)
 
     def record(self, chat_id: str, target: Target, model: str) -> None:
-        self._queued.append((chat_id, CompletionRecord(target.url, target.pubkey, model)))
+        self._queued[chat_id] = CompletionRecord(target.url, target.pubkey, model)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_queued(), name="record-completions")
+
+    def pending(self, chat_id: str) -> CompletionRecord | None:
+        """Return the record of ``chat_id`` if it is queued or being written, else None."""
+        return self._queued.get(chat_id) or self._writing.get(chat_id)
 
     async def _write_queued(self) -> None:
         try:
             while self._queued:
-                batch = self._queued[: self._max_batch]
-                del self._queued[: self._max_batch]
-                await self._write(batch)
+                if len(self._queued) < self._max_batch:
+                    await asyncio.sleep(self._flush_interval_s)
+                batch = list(itertools.islice(self._queued.items(), self._max_batch))
+                for chat_id, _ in batch:
+                    del self._queued[chat_id]
+                self._writing = dict(batch)
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = {}
         finally:
             self._writer = None
 

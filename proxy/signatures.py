@@ -45,7 +45,8 @@ async def handle_signature(request: web.Request) -> web.StreamResponse:
             "completion's 'id' field.",
             param="chat_id",
         )
-    record = await _find_record(gateway.registry, chat_id)
+    # A record this replica has not written yet is found without a registry lookup.
+    record = gateway.recorder.pending(chat_id) or await _find_record(gateway.registry, chat_id)
     if record is None:
         raise NotFound(
             f"No completion {chat_id!r} is known: the id is wrong, or its record expired "

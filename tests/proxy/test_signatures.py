@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,13 @@ from gateway_harness import (
 )
 from redis_processes import RedisProcess, redis_processes, start_redis
 
+from proxy.completions import CompletionRecorder
 from proxy.demo.keys import DemoKeys
 from proxy.demo.provider import DemoConfig, serve_demo_provider
+from proxy.metrics import Metrics
+from proxy.routing import Target
 from proxy.server import RunningGateway
+from registry import CompletionRecord, MemoryRegistry
 
 UNAVAILABLE = (
     b'{"error":{"message":"The model is currently unavailable. Please try again later.",'
@@ -261,3 +265,48 @@ async def test_completion_succeeds_while_record_write_fails(
     assert answer.status == 200
     assert answer.body.endswith(b"data: [DONE]\n\n") or answer.body.startswith(b"{")
     assert failed == 1
+
+
+async def test_fetch_on_same_replica_needs_no_write(
+    frozen_redis_gateway: tuple[RunningGateway, RedisProcess],
+    start_demo: DemoStarter,
+    http: aiohttp.ClientSession,
+) -> None:
+    # With Redis frozen the record's write cannot land, yet the replica that served the
+    # completion still knows where its signature is while the write is pending.
+    gateway, server = frozen_redis_gateway
+    demo = await start_demo()
+    pubkey = demo.config.keys.public_key_hex("ed25519")
+    await Admin(http, gateway.admin_url).register(pubkey, demo.url)
+
+    server.freeze()
+    answer = await post_chat(http, gateway, pubkey=pubkey)
+    status, raw = await _signature(http, gateway, _first_id(answer.body))
+
+    assert answer.status == 200
+    assert status == 200, raw
+    assert orjson.loads(raw)["signing_algo"] == "ed25519"
+
+
+async def test_records_within_interval_share_one_write() -> None:
+    written: list[list[str]] = []
+
+    class CountingRegistry(MemoryRegistry):
+        async def record_completions(
+            self, records: Sequence[tuple[str, CompletionRecord]], ttl_s: float
+        ) -> None:
+            written.append([chat_id for chat_id, _ in records])
+            await super().record_completions(records, ttl_s)
+
+    registry = CountingRegistry()
+    recorder = CompletionRecorder(registry, Metrics(), 60, flush_interval_s=0.05)
+    target = Target("http://192.0.2.1:8000", new_key())
+    for index in range(30):
+        recorder.record(f"chatcmpl-{index}", target, MODEL)
+        await asyncio.sleep(0)
+
+    assert recorder.pending("chatcmpl-7") == CompletionRecord(target.url, target.pubkey, MODEL)
+    await recorder.aclose()
+    assert written == [[f"chatcmpl-{index}" for index in range(30)]]
+    assert recorder.pending("chatcmpl-7") is None
+    assert await registry.find_completion("chatcmpl-29") is not None
