@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install run test lint bench faults fuzz soak clean
 
@@ -27,8 +28,13 @@ test: $(STAMP)
 
 ## bench: the gateway against nginx and a direct connection; writes docs/BENCHMARKS.md
 ## (about 8 minutes; `make bench BENCH_ARGS=--quick` takes about 2). Needs nginx and wrk.
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+# py-spy samples the gateway for the profile section of docs/BENCHMARKS.md.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,fast,bench]'
+	touch $(BENCH_STAMP)
 
 ## faults: the fault campaign at ten times the rounds of make test (about 2 minutes)
 faults: $(STAMP)
