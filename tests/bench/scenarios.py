@@ -134,9 +134,9 @@ class Measurement:
         """Redis commands per completed request other than the completion records.
 
         The records for signature fetches are the only writes the gateway sends while it
-        serves requests (one script call per batch of chat completions, off the relay's
-        path, and one SET inside it per record; heartbeats and the reaper are in the
-        background rate). Every other command counted here would be spent on routing.
+        serves requests: one script call per batch of chat completions, off the relay's
+        path, with one SET inside it per record. Heartbeats and the reaper are in the
+        background rate, so every other command counted here is spent on routing.
         """
         if self.load.completed == 0:
             return math.nan

@@ -273,7 +273,7 @@ async def test_fetch_on_same_replica_needs_no_write(
     http: aiohttp.ClientSession,
 ) -> None:
     # With Redis frozen the record's write cannot land, yet the replica that served the
-    # completion still knows where its signature is while the write is pending.
+    # completion still finds its provider while the write is pending.
     gateway, server = frozen_redis_gateway
     demo = await start_demo()
     pubkey = demo.config.keys.public_key_hex("ed25519")
