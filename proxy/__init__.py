@@ -9,6 +9,7 @@ Map of the package::
     handlers   public listener: routed requests, /v1/models, attestation reports, health
     admin      admin listener: heartbeats, deregistration, provider list, /metrics
     forward    one request to a provider: attempts, retries, relay of bodies and streams
+    relay      stream bodies written to the client from the provider connection's callbacks
     upstream   the HTTP/1.1 client of forward: connection pool per provider origin
     upstream_connection
                one provider connection: request writing, response parsing, flow control

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
 from proxy import sse
@@ -28,6 +30,7 @@ from proxy.completions import completion_id_from_body, completion_id_from_event
 from proxy.errors import ProviderUnavailable, UpstreamTimeout
 from proxy.headers import filter_response_headers
 from proxy.metrics import Metrics
+from proxy.relay import StreamRelay, chunked_client_transport
 from proxy.routing import Balancer, Target
 from proxy.upstream import (
     BadResponse,
@@ -373,7 +376,7 @@ class Forwarder:
     async def _relay_stream(
         self, request: web.Request, held: _Held, exchange: Exchange
     ) -> web.StreamResponse:
-        """Relay a stream read by read; failures end an SSE stream with one error event.
+        """Relay a stream as it arrives; failures end an SSE stream with one error event.
 
         A large non-SSE body that fails is cut off without its last chunk, so the client
         sees an incomplete response rather than a complete-looking one.
@@ -384,40 +387,43 @@ class Forwarder:
             headers["Cache-Control"] = "no-cache"
             headers["X-Accel-Buffering"] = "no"
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        tail = held.buffered[-4:]
+        relay = StreamRelay(upstream, held.buffered[-4:])
         failure: str | None = None
         task = asyncio.current_task()
         assert task is not None
         self._streams[task] = exchange
 
         try:
-            await response.prepare(request)
+            # Send the status line and the held first bytes through aiohttp.
+            writer = await response.prepare(request)
+            assert writer is not None
             await response.write(held.buffered)
             exchange.ttft_ms = (time.monotonic() - exchange.started) * 1000
             exchange.bytes_out += len(held.buffered)
 
-            while True:
-                try:
-                    chunk = await upstream.readany(self._idle_timeout_s)
-                except TimeoutError:
-                    failure = "upstream_idle_timeout"
-                    break
-                except UpstreamError as exc:
-                    logger.warning(
-                        "provider %s broke the stream of request %s: %s",
-                        upstream.origin,
-                        exchange.request_id,
-                        exc,
-                    )
-                    failure = "upstream_reset"
-                    break
-                if not chunk:
-                    if held.event_stream and not sse.ends_at_event_boundary(tail):
-                        failure = "upstream_incomplete"
-                    break
-                await response.write(chunk)
-                exchange.bytes_out += len(chunk)
-                tail = (tail + chunk[-4:])[-4:]
+            # Relay the rest from the upstream callbacks when the client's response is
+            # chunked, else read by read.
+            client = chunked_client_transport(response, writer) if held.buffered else None
+            if client is not None:
+                error = await self._relay_from_callbacks(relay, writer, *client)
+            else:
+                error = await self._relay_reads(upstream, relay, response)
+
+            # Finish: a clean end, or the failure that stopped the relay.
+            if isinstance(error, ConnectionResetError):
+                raise error
+            if isinstance(error, TimeoutError):
+                failure = "upstream_idle_timeout"
+            elif error is not None:
+                logger.warning(
+                    "provider %s broke the stream of request %s: %s",
+                    upstream.origin,
+                    exchange.request_id,
+                    error,
+                )
+                failure = "upstream_reset"
+            elif held.event_stream and not sse.ends_at_event_boundary(relay.tail):
+                failure = "upstream_incomplete"
 
             if failure is not None and not held.event_stream:
                 upstream.close()
@@ -425,7 +431,7 @@ class Forwarder:
                 request.protocol.force_close()
             elif failure is not None:
                 upstream.close()
-                await self._end_with_error(response, failure, tail, exchange)
+                await self._end_with_error(response, failure, relay.tail, exchange)
             else:
                 await response.write_eof()
         except asyncio.CancelledError:
@@ -436,15 +442,52 @@ class Forwarder:
             # abort_streams() cancelled this stream at the shutdown deadline: end it with
             # the error event instead of dropping the connection.
             task.uncancel()
-            await self._end_with_error(response, "shutting_down", tail, exchange)
+            await self._end_with_error(response, "shutting_down", relay.tail, exchange)
         except ConnectionResetError:
             upstream.close()
             self._client_gone(exchange)
         finally:
+            exchange.bytes_out += relay.bytes_out
             upstream.release()
             self._streams.pop(task, None)
             self._aborting.discard(task)
         return response
+
+    async def _relay_from_callbacks(
+        self,
+        relay: StreamRelay,
+        writer: AbstractStreamWriter,
+        transport: asyncio.Transport,
+        protocol: BaseProtocol,
+    ) -> UpstreamError | TimeoutError | ConnectionResetError | None:
+        """Let the upstream connection write the body to the client; return why it ended."""
+        relay.start(transport, protocol, self._idle_timeout_s)
+        while True:
+            await relay.wait()
+            if relay.ended:
+                return relay.error
+            # Paused for a slow client: wait until its transport drains, then read on.
+            # aiohttp's drain raises a plain ConnectionError when the connection was
+            # lost with an error while paused.
+            try:
+                await writer.drain()
+            except ConnectionError as exc:
+                return ConnectionResetError(str(exc))
+            relay.resume()
+
+    async def _relay_reads(
+        self, upstream: UpstreamResponse, relay: StreamRelay, response: web.StreamResponse
+    ) -> UpstreamError | TimeoutError | None:
+        """Relay the body read by read through aiohttp; return the error that ended it."""
+        while True:
+            try:
+                chunk = await upstream.readany(self._idle_timeout_s)
+            except (TimeoutError, UpstreamError) as exc:
+                return exc
+            if not chunk:
+                return None
+            await response.write(chunk)
+            relay.record(chunk)
 
     def _client_gone(self, exchange: Exchange) -> None:
         # Closing the upstream connection (done by the caller) makes the provider stop

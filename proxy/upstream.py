@@ -1,8 +1,9 @@
 """The HTTP/1.1 client that forwards requests to providers, with a pool per origin.
 
 ``UpstreamPool.request`` sends one request and returns an ``UpstreamResponse`` once the
-response head has arrived. Its ``readany`` returns the body as it arrives, and
-``release`` gives the connection back. Forwarding needs little of a general client (no
+response head has arrived. Its ``readany`` returns the body as it arrives (or ``relay``
+passes it to a ``BodySink`` from the protocol callbacks), and ``release`` gives the
+connection back. Forwarding needs little of a general client (no
 cookies, redirects, proxies or decompression) and runs once per request and once per
 stream read, so this client does only that work, on asyncio protocols
 (``proxy.upstream_connection``). aiohttp's ClientSession still serves the cold paths,
@@ -35,6 +36,7 @@ from yarl import URL
 
 from proxy.upstream_connection import (
     BadResponse,
+    BodySink,
     ConnectError,
     ConnectionLost,
     PayloadError,
@@ -46,6 +48,7 @@ from proxy.urlcheck import AddressPolicy, ForbiddenAddress
 
 __all__ = [
     "BadResponse",
+    "BodySink",
     "ConnectError",
     "ConnectionLost",
     "PayloadError",
@@ -439,6 +442,26 @@ class UpstreamResponse:
         if connection.buffered:
             return connection.take_buffered()
         return await connection.read_body(idle_timeout_s)
+
+    def relay(self, sink: BodySink, idle_timeout_s: float) -> None:
+        """Pass the rest of the body to ``sink`` as it arrives; see UpstreamConnection.relay_body.
+
+        ``readany`` must not be called afterwards. ``release`` or ``close`` still ends
+        the response, and ``close`` ends the relay with ``sink.body_ended``.
+        """
+        connection = self._connection
+        if connection is None:
+            raise RuntimeError("the response was released")
+        connection.relay_body(sink, idle_timeout_s)
+
+    def pause_reading(self) -> None:
+        """Stop reading the body from the provider while the client catches up."""
+        if self._connection is not None:
+            self._connection.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_reading()
 
     def release(self) -> None:
         """Return the connection to the pool if the response was read to its end, else close it."""

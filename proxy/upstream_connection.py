@@ -1,10 +1,11 @@
 """One HTTP/1.1 connection to a provider: request writing and response parsing.
 
 ``UpstreamConnection`` is an asyncio protocol that carries one exchange at a time for
-``proxy.upstream``'s pool. It writes the request with flow control, parses the
-response with httptools (llhttp, the parser of Node.js) in its strict default mode,
-buffers the body for one reader and pauses reading while that buffer is full. The
-pool owns the connection through the ``ConnectionOwner`` callbacks.
+``proxy.upstream``'s pool. It writes the request with flow control and parses the
+response with httptools (llhttp, the parser of Node.js) in its strict default mode.
+It buffers the body for one reader and pauses reading while that buffer is full, or it
+passes the body to a ``BodySink`` from the protocol callbacks. The pool owns the
+connection through the ``ConnectionOwner`` callbacks.
 
 Exceptions::
 
@@ -30,6 +31,7 @@ from multidict import CIMultiDict
 
 __all__ = [
     "BadResponse",
+    "BodySink",
     "ConnectError",
     "ConnectionLost",
     "ConnectionOwner",
@@ -96,11 +98,30 @@ class ConnectionOwner(Protocol):
         """Note that the connection's socket is closed."""
 
 
+class BodySink(Protocol):
+    """The receiver of a response body relayed from the protocol callbacks.
+
+    Both methods run inside the connection's ``data_received`` or timer callbacks, so
+    they must not raise and must not block.
+    """
+
+    def body_received(self, data: bytes) -> None:
+        """Take the next body bytes, in order; never called with empty bytes."""
+
+    def body_ended(self, error: UpstreamError | TimeoutError | None) -> None:
+        """Note the end of the relay: None when the body is complete, else why it stopped.
+
+        Called once. TimeoutError means no body bytes arrived within the idle timeout;
+        an UpstreamError means the body failed or the connection was closed.
+        """
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to a provider and the state of the exchange in progress on it.
 
     The parser calls the ``on_*`` methods from ``data_received``. One task at a time
-    uses the connection, and it waits on ``_waiter``, which every change of state wakes.
+    uses the connection, and it waits on ``_waiter``, which every change of state wakes,
+    or hands the rest of the body to a sink with ``relay_body``.
     """
 
     def __init__(self, owner: ConnectionOwner) -> None:
@@ -118,6 +139,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_deadline = 0.0
+        self._sink: BodySink | None = None
+        self._sink_idle_s = 0.0
         self._begin_state("GET", active=False)
 
     def _begin_state(self, method: str, *, active: bool) -> None:
@@ -188,13 +211,79 @@ class UpstreamConnection(asyncio.Protocol):
 
     def take_buffered(self) -> bytes:
         """Return and clear the buffered body bytes; resume reading if it was paused."""
+        data = self._take_chunks()
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def relay_body(self, sink: BodySink, idle_timeout_s: float) -> None:
+        """Pass the rest of the body to ``sink`` from the protocol callbacks, until it ends.
+
+        Bytes buffered now go to the sink before this returns. Then the body bytes parsed
+        from each socket read go to ``sink.body_received``, and ``sink.body_ended`` is called
+        once: when the body is complete, when it fails, when the connection is closed
+        (``abort`` included), or when no body bytes arrive within ``idle_timeout_s``
+        while reading is not paused. Reading is never paused by the buffer in this mode:
+        the sink pauses it with ``pause_reading``.
+        """
+        self._sink = sink
+        self._sink_idle_s = idle_timeout_s
+        if self._chunks:
+            sink.body_received(self.take_buffered())
+        if self.complete:
+            self._end_sink(None)
+            return
+        if self.error is not None or self.discarded:
+            # A no-op when the sink closed the connection and has ended already.
+            self._end_sink(self.error or _closed_early())
+            return
+        self._idle_deadline = time.monotonic() + idle_timeout_s
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                idle_timeout_s, self._idle_timer_fired
+            )
+
+    def pause_reading(self) -> None:
+        """Stop reading from the provider until ``resume_reading`` (a slow client)."""
+        transport = self.transport
+        if not self._reading_paused and transport is not None and not transport.is_closing():
+            self._reading_paused = True
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read again; the idle timeout of a relay starts over from now."""
+        self._idle_deadline = time.monotonic() + self._sink_idle_s
+        transport = self.transport
+        if self._reading_paused and transport is not None and not transport.is_closing():
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _pass_to_sink(self) -> None:
+        # One piece per socket read, not per chunk of the provider's chunked coding: a
+        # read that holds many chunks becomes one client write.
+        assert self._sink is not None
+        if self._chunks:
+            self._idle_deadline = time.monotonic() + self._sink_idle_s
+            self._sink.body_received(self._take_chunks())
+        if self.complete:
+            self._end_sink(None)
+
+    def _end_sink(self, error: UpstreamError | TimeoutError | None) -> None:
+        """Pass the body bytes parsed so far to the sink, then end it; a no-op once ended."""
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return
+        self._cancel_idle_timer()
+        if self._chunks:
+            sink.body_received(self._take_chunks())
+        sink.body_ended(error)
+
+    def _take_chunks(self) -> bytes:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
         self.buffered = 0
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
         return data
 
     @property
@@ -231,6 +320,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self._discard()
+        if self._sink is not None:
+            self._end_sink(None if self.complete else (self.error or _closed_early()))
 
     def _discard(self) -> None:
         if not self.discarded:
@@ -256,12 +347,29 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _idle_timer_fired(self) -> None:
         self._idle_timer = None
+        if self._sink is not None:
+            self._relay_idle_timer_fired()
+            return
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
         remaining = self._idle_deadline - time.monotonic()
         if remaining <= 0:
             waiter.set_exception(TimeoutError())
+        else:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                remaining, self._idle_timer_fired
+            )
+
+    def _relay_idle_timer_fired(self) -> None:
+        now = time.monotonic()
+        if self._reading_paused:
+            # The client is slow, not the provider: resume_reading starts the timeout over.
+            remaining = self._sink_idle_s
+        else:
+            remaining = self._idle_deadline - now
+        if remaining <= 0:
+            self._end_sink(TimeoutError())
         else:
             self._idle_timer = asyncio.get_running_loop().call_later(
                 remaining, self._idle_timer_fired
@@ -305,7 +413,9 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(_parse_error(self, exc))
         else:
-            if not self.head_done and self.received > _MAX_HEAD_BYTES:
+            if self._sink is not None:
+                self._pass_to_sink()
+            elif not self.head_done and self.received > _MAX_HEAD_BYTES:
                 self._fail(BadResponse(f"response head over {_MAX_HEAD_BYTES} bytes"))
             elif self.buffered > _READ_HIGH_WATER and not self._reading_paused:
                 self._reading_paused = True
@@ -339,6 +449,8 @@ class UpstreamConnection(asyncio.Protocol):
                 )
         self._cancel_idle_timer()
         self._discard()
+        if self._sink is not None:
+            self._end_sink(None if self.complete else self.error)
         self._wake()
 
     def pause_writing(self) -> None:
@@ -423,6 +535,10 @@ def _has_framing(raw_headers: list[tuple[bytes, bytes]]) -> bool:
 
 class _Stop(Exception):
     """Raised in a parser callback to stop parsing bytes that follow a complete response."""
+
+
+def _closed_early() -> PayloadError:
+    return PayloadError("the connection was closed before the response was complete")
 
 
 def _parse_error(connection: UpstreamConnection, exc: Exception) -> UpstreamError:

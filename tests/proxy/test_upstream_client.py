@@ -28,6 +28,7 @@ from proxy.upstream import (
     ConnectError,
     ConnectionLost,
     PayloadError,
+    UpstreamError,
     UpstreamPool,
     UpstreamResponse,
 )
@@ -738,6 +739,130 @@ async def test_pool_close_closes_connections() -> None:
     assert body == b"{}"
 
 
+# Relaying the body to a sink from the protocol callbacks.
+
+
+class RecordingSink:
+    """A BodySink that keeps the pieces it receives; ``pause_after`` pauses reading."""
+
+    def __init__(self, pause_after: UpstreamResponse | None = None) -> None:
+        self.pieces: list[bytes] = []
+        self.errors: list[UpstreamError | TimeoutError | None] = []
+        self.ended = asyncio.Event()
+        self.pause_after = pause_after
+
+    def body_received(self, data: bytes) -> None:
+        self.pieces.append(data)
+        if self.pause_after is not None:
+            self.pause_after.pause_reading()
+
+    def body_ended(self, error: UpstreamError | TimeoutError | None) -> None:
+        self.errors.append(error)
+        self.ended.set()
+
+    async def wait_ended(self) -> None:
+        async with asyncio.timeout(WAIT_S):
+            await self.ended.wait()
+
+
+async def test_relay_passes_pieces_in_order_then_reuses() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    pieces = [b"data: %d\n\n" % i for i in range(20)]
+    writes = [head, *(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces), b"0\r\n\r\n"]
+    async with serving(replying(*writes, keep_alive=True)) as server, pool_of() as pool:
+        answer = await post(pool, server.url)
+        sink = RecordingSink()
+        answer.relay(sink, WAIT_S)
+        await sink.wait_ended()
+        answer.release()
+        second, second_body = await fetch(pool, server.url)
+
+    assert b"".join(sink.pieces) == b"".join(pieces)
+    assert sink.errors == [None]
+    assert second.reused_connection
+    assert second_body == b"".join(pieces)
+    assert server.connections == 1
+
+
+async def test_relay_silence_ends_with_timeout_error() -> None:
+    def bind(server: ScriptServer) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfirs\r\n")
+            await server.wait_client_close(reader)
+
+        return script
+
+    async with serving(bind) as server, pool_of() as pool:
+        answer = await post(pool, server.url)
+        sink = RecordingSink()
+        started = time.monotonic()
+        answer.relay(sink, 0.3)
+        await sink.wait_ended()
+        waited_s = time.monotonic() - started
+        answer.close()
+        await server.wait_for(lambda: server.peer_closed == 1)
+
+    assert b"".join(sink.pieces) == b"firs"
+    assert len(sink.errors) == 1
+    assert isinstance(sink.errors[0], TimeoutError)
+    assert waited_s >= 0.3
+
+
+async def test_relay_cut_short_ends_with_payload_error() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    async with serving(replying(head, b"0123456789")) as server, pool_of() as pool:
+        answer = await post(pool, server.url)
+        sink = RecordingSink()
+        answer.relay(sink, WAIT_S)
+        await sink.wait_ended()
+        answer.release()
+
+    assert b"".join(sink.pieces) == b"0123456789"
+    assert len(sink.errors) == 1
+    assert isinstance(sink.errors[0], PayloadError)
+
+
+async def test_relay_paused_past_idle_timeout_resumes() -> None:
+    idle_s = 0.3
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    rest_written = asyncio.Event()
+
+    def bind(server: ScriptServer) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(head + b"01234")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"56789")
+            await writer.drain()
+            rest_written.set()
+            await server.wait_client_close(reader)
+
+        return script
+
+    async with serving(bind) as server, pool_of() as pool:
+        answer = await post(pool, server.url)
+        sink = RecordingSink(pause_after=answer)
+        answer.relay(sink, idle_s)
+        async with asyncio.timeout(WAIT_S):
+            await rest_written.wait()
+        # Reading stays paused for twice the idle timeout: a slow client, not a silent
+        # provider, so the relay must not time out.
+        await asyncio.sleep(2 * idle_s)
+        pieces_while_paused = list(sink.pieces)
+        ended_while_paused = sink.ended.is_set()
+        sink.pause_after = None
+        answer.resume_reading()
+        await sink.wait_ended()
+        answer.release()
+
+    assert pieces_while_paused == [b"01234"]
+    assert not ended_while_paused
+    assert b"".join(sink.pieces) == b"0123456789"
+    assert sink.errors == [None]
+
+
 # The same scenarios on uvloop, which runs the gateway in production.
 
 UVLOOP_CASES: list[Callable[[], Coroutine[Any, Any, None]]] = [
@@ -753,6 +878,10 @@ UVLOOP_CASES: list[Callable[[], Coroutine[Any, Any, None]]] = [
     test_cancelled_read_closes_connection,
     test_silence_raises_timeout_error_after_idle_timeout,
     test_pool_close_closes_connections,
+    test_relay_passes_pieces_in_order_then_reuses,
+    test_relay_silence_ends_with_timeout_error,
+    test_relay_cut_short_ends_with_payload_error,
+    test_relay_paused_past_idle_timeout_resumes,
 ]
 
 
