@@ -181,7 +181,7 @@ async def test_ambiguous_framing_never_reaches_client(
 
     framings = [name for name in ("Content-Length", "Transfer-Encoding") if name in answer.headers]
     assert framings == ["Content-Length"], answer.head
-    # aiohttp's parser rejects the response, which counts as a failed attempt.
+    # The upstream client rejects the response, which counts as a failed attempt.
     assert answer.status == 502, answer.head
     assert answer.body == UNAVAILABLE_BODY
     assert provider.connections == 3
