@@ -8,11 +8,13 @@ Map of the package::
     app        Gateway (shared state), app factories, middlewares
     handlers   public listener: routed requests, /v1/models, attestation reports, health
     admin      admin listener: heartbeats, deregistration, provider list, /metrics
-    forward    one request to a provider: attempts, retries, relay of bodies and streams
-    relay      stream bodies written to the client from the provider connection's callbacks
+    forward    one request to a provider: attempts, retries, held responses, whole bodies
+    relay      streams to the client after the status line: relay, error event, shutdown
     upstream   the HTTP/1.1 client of forward: connection pool per provider origin
     upstream_connection
-               one provider connection: request writing, response parsing, flow control
+               one provider connection: request writing, flow control, timeouts
+    upstream_http
+               request heads, response parsing with httptools, the client's exceptions
     routing    provider choice (least outstanding requests) and passive ejection
     headers    E2EE header validation and the headers that cross the gateway
     sse        event framing checks on a reassembly buffer

@@ -1,13 +1,16 @@
-"""Sending a client request to a provider, with retries, and relaying its response.
+"""Sending a client request to a provider, with retries, until the client's status is decided.
 
 One attempt has two phases. Before any byte reaches the client, a connection failure
 or an upstream 500/502/504 may be retried (at most ``MAX_ATTEMPTS`` attempts), but a
-timeout gets its 504 at once and is never retried. Once the client's status line is out,
-failures can only be reported inside the stream, as one error event
-(``sse.error_frame``), and the stream ends without ``data: [DONE]``.
+timeout gets its 504 at once and is never retried. The response is held until the
+client's status can be decided: a body up to ``HELD_BODY_LIMIT`` is sent whole, and a
+stream or a larger body goes to ``proxy.relay``. Once the client's status line is out,
+failures can only be reported inside the stream.
 
-Foreign errors (``proxy.upstream`` client exceptions, asyncio timeouts) are translated
-here and nowhere else into ``proxy.errors`` classes or stream outcomes.
+Foreign errors (``proxy.upstream`` client exceptions, asyncio timeouts) that come
+before the client's status line are translated here and nowhere else into
+``proxy.errors`` classes. ``proxy.relay`` translates the ones that come after it into
+stream outcomes.
 """
 
 from __future__ import annotations
@@ -18,11 +21,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.base_protocol import BaseProtocol
 from multidict import CIMultiDict
 
 from proxy import sse
@@ -30,7 +30,7 @@ from proxy.completions import completion_id_from_body, completion_id_from_event
 from proxy.errors import ProviderUnavailable, UpstreamTimeout
 from proxy.headers import filter_response_headers
 from proxy.metrics import Metrics
-from proxy.relay import StreamRelay, chunked_client_transport
+from proxy.relay import RelayedStreams
 from proxy.routing import Balancer, Target
 from proxy.upstream import (
     BadResponse,
@@ -131,10 +131,8 @@ class Forwarder:
         self._balancer = balancer
         self._metrics = metrics
         self._on_completion = on_completion
-        self._streams: dict[asyncio.Task[Any], Exchange] = {}
-        self._aborting: set[asyncio.Task[Any]] = set()
+        self._streams = RelayedStreams(idle_timeout_s)
         self._first_byte_timeout_s = first_byte_timeout_s
-        self._idle_timeout_s = idle_timeout_s
         self._request_timeout_s = request_timeout_s
         self._retry_backoff_s = retry_backoff_s
 
@@ -190,7 +188,13 @@ class Forwarder:
                     if chat_id is not None:
                         self._on_completion(chat_id, target, exchange.model or "")
                 if held.streaming:
-                    return await self._relay_stream(request, held, exchange)
+                    return await self._streams.relay(
+                        request,
+                        held.upstream,
+                        held.buffered,
+                        exchange,
+                        event_stream=held.event_stream,
+                    )
                 return await self._relay_body(held, exchange)
             except _UpstreamErrorEvent as event:
                 exchange.outcome = "upstream_error_event"
@@ -373,150 +377,13 @@ class Forwarder:
         headers = filter_response_headers(upstream.headers)
         return web.Response(status=upstream.status, headers=headers, body=held.buffered)
 
-    async def _relay_stream(
-        self, request: web.Request, held: _Held, exchange: Exchange
-    ) -> web.StreamResponse:
-        """Relay a stream as it arrives; failures end an SSE stream with one error event.
-
-        A large non-SSE body that fails is cut off without its last chunk, so the client
-        sees an incomplete response rather than a complete-looking one.
-        """
-        upstream = held.upstream
-        headers = filter_response_headers(upstream.headers)
-        if held.event_stream:
-            headers["Cache-Control"] = "no-cache"
-            headers["X-Accel-Buffering"] = "no"
-        response = web.StreamResponse(status=upstream.status, headers=headers)
-        relay = StreamRelay(upstream, held.buffered[-4:])
-        failure: str | None = None
-        task = asyncio.current_task()
-        assert task is not None
-        self._streams[task] = exchange
-
-        try:
-            # Send the status line and the held first bytes through aiohttp.
-            writer = await response.prepare(request)
-            assert writer is not None
-            await response.write(held.buffered)
-            exchange.ttft_ms = (time.monotonic() - exchange.started) * 1000
-            exchange.bytes_out += len(held.buffered)
-
-            # Relay the rest from the upstream callbacks when the client's response is
-            # chunked, else read by read.
-            client = chunked_client_transport(response, writer) if held.buffered else None
-            if client is not None:
-                error = await self._relay_from_callbacks(relay, writer, *client)
-            else:
-                error = await self._relay_reads(upstream, relay, response)
-
-            # Finish: a clean end, or the failure that stopped the relay.
-            if isinstance(error, ConnectionResetError):
-                raise error
-            if isinstance(error, TimeoutError):
-                failure = "upstream_idle_timeout"
-            elif error is not None:
-                logger.warning(
-                    "provider %s broke the stream of request %s: %s",
-                    upstream.origin,
-                    exchange.request_id,
-                    error,
-                )
-                failure = "upstream_reset"
-            elif held.event_stream and not sse.ends_at_event_boundary(relay.tail):
-                failure = "upstream_incomplete"
-
-            if failure is not None and not held.event_stream:
-                upstream.close()
-                exchange.outcome = exchange.stream_failure = failure
-                request.protocol.force_close()
-            elif failure is not None:
-                upstream.close()
-                await self._end_with_error(response, failure, relay.tail, exchange)
-            else:
-                await response.write_eof()
-        except asyncio.CancelledError:
-            upstream.close()
-            if task not in self._aborting:
-                self._client_gone(exchange)
-                raise
-            # abort_streams() cancelled this stream at the shutdown deadline: end it with
-            # the error event instead of dropping the connection.
-            task.uncancel()
-            await self._end_with_error(response, "shutting_down", relay.tail, exchange)
-        except ConnectionResetError:
-            upstream.close()
-            self._client_gone(exchange)
-        finally:
-            exchange.bytes_out += relay.bytes_out
-            upstream.release()
-            self._streams.pop(task, None)
-            self._aborting.discard(task)
-        return response
-
-    async def _relay_from_callbacks(
-        self,
-        relay: StreamRelay,
-        writer: AbstractStreamWriter,
-        transport: asyncio.Transport,
-        protocol: BaseProtocol,
-    ) -> UpstreamError | TimeoutError | ConnectionResetError | None:
-        """Let the upstream connection write the body to the client; return why it ended."""
-        relay.start(transport, protocol, self._idle_timeout_s)
-        while True:
-            await relay.wait()
-            if relay.ended:
-                return relay.error
-            # Paused for a slow client: wait until its transport drains, then read on.
-            # aiohttp's drain raises a plain ConnectionError when the connection was
-            # lost with an error while paused.
-            try:
-                await writer.drain()
-            except ConnectionError as exc:
-                return ConnectionResetError(str(exc))
-            relay.resume()
-
-    async def _relay_reads(
-        self, upstream: UpstreamResponse, relay: StreamRelay, response: web.StreamResponse
-    ) -> UpstreamError | TimeoutError | None:
-        """Relay the body read by read through aiohttp; return the error that ended it."""
-        while True:
-            try:
-                chunk = await upstream.readany(self._idle_timeout_s)
-            except (TimeoutError, UpstreamError) as exc:
-                return exc
-            if not chunk:
-                return None
-            await response.write(chunk)
-            relay.record(chunk)
-
-    def _client_gone(self, exchange: Exchange) -> None:
-        # Closing the upstream connection (done by the caller) makes the provider stop
-        # generating; a disconnect is the client's choice, not an error.
-        exchange.outcome = "client_disconnect"
-        logger.info("client disconnected from request %s", exchange.request_id)
-
-    async def _end_with_error(
-        self, response: web.StreamResponse, failure: str, tail: bytes, exchange: Exchange
-    ) -> None:
-        exchange.outcome = failure
-        exchange.stream_failure = failure
-        try:
-            async with asyncio.timeout(1.0):
-                await response.write(_failure_frame(failure, tail))
-                await response.write_eof()
-        except (ConnectionResetError, TimeoutError):
-            logger.info("could not send the %s event of request %s", failure, exchange.request_id)
-
     @property
     def streams_in_flight(self) -> int:
-        return len(self._streams)
+        return self._streams.in_flight
 
     def abort_streams(self) -> int:
         """End every stream in flight with the ``shutting_down`` event; return how many."""
-        for task in self._streams:
-            self._aborting.add(task)
-            task.cancel("gateway shutdown deadline")
-        return len(self._streams)
+        return self._streams.abort()
 
 
 class _UpstreamErrorEvent(Exception):
@@ -526,21 +393,6 @@ class _UpstreamErrorEvent(Exception):
         super().__init__(status)
         self.status = status
         self.body = body
-
-
-_FAILURE_MESSAGES = {
-    "upstream_reset": "The provider closed the connection before the response was complete.",
-    "upstream_idle_timeout": "The provider sent nothing within the idle timeout.",
-    "upstream_incomplete": "The provider ended the stream in the middle of an event.",
-    "shutting_down": "The gateway is shutting down and could not wait for this stream to finish.",
-}
-
-
-def _failure_frame(failure: str, tail: bytes) -> bytes:
-    # A blank line first when the provider stopped inside an event, so that the error
-    # is parsed as an event of its own rather than glued to the partial one.
-    prefix = b"" if sse.ends_at_event_boundary(tail) else b"\n\n"
-    return prefix + sse.error_frame(_FAILURE_MESSAGES[failure], failure)
 
 
 def _completion_id(held: _Held) -> str | None:

@@ -6,8 +6,8 @@ passes it to a ``BodySink`` from the protocol callbacks), and ``release`` gives 
 connection back. Forwarding needs little of a general client (no
 cookies, redirects, proxies or decompression) and runs once per request and once per
 stream read, so this client does only that work, on asyncio protocols
-(``proxy.upstream_connection``). aiohttp's ClientSession still serves the cold paths,
-such as attestation report fetches.
+(``proxy.upstream_connection``, with HTTP/1.1 parsing in ``proxy.upstream_http``).
+aiohttp's ClientSession still serves the cold paths, such as attestation report fetches.
 
 Connections are pooled per origin (scheme, host, port). An origin has at most
 ``limit_per_origin`` connections, open or being opened. Further requests to it wait in
@@ -19,7 +19,7 @@ close it. The pool closes idle connections after ``keepalive_s``.
 
 Every resolved address is checked against the ``AddressPolicy`` before connecting.
 ``https`` origins use ``ssl.create_default_context()`` unless a context is given.
-The exceptions are drawn in ``proxy.upstream_connection`` and exported here.
+The exceptions are drawn in ``proxy.upstream_http`` and exported here.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from dataclasses import dataclass
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.upstream_connection import (
+from proxy.upstream_connection import BodySink, UpstreamConnection
+from proxy.upstream_http import (
     BadResponse,
-    BodySink,
     ConnectError,
     ConnectionLost,
     PayloadError,
-    UpstreamConnection,
     UpstreamError,
     request_head,
 )

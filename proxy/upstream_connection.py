@@ -1,22 +1,11 @@
-"""One HTTP/1.1 connection to a provider: request writing and response parsing.
+"""One HTTP/1.1 connection to a provider: its I/O, flow control and timeouts.
 
 ``UpstreamConnection`` is an asyncio protocol that carries one exchange at a time for
-``proxy.upstream``'s pool. It writes the request with flow control and parses the
-response with httptools (llhttp, the parser of Node.js) in its strict default mode.
+``proxy.upstream``'s pool. It writes the request with flow control and feeds the
+response to the parser state it inherits from ``proxy.upstream_http.ResponseParser``.
 It buffers the body for one reader and pauses reading while that buffer is full, or it
 passes the body to a ``BodySink`` from the protocol callbacks. The pool owns the
 connection through the ``ConnectionOwner`` callbacks.
-
-Exceptions::
-
-    UpstreamError                    any failure of an upstream exchange
-    ├── ConnectError (OSError)       no connection: name resolution, a forbidden address,
-    │                                refused, connect timeout, TLS handshake
-    ├── ConnectionLost (ConnectionError)
-    │                                the connection closed or was reset before the
-    │                                response head was complete
-    ├── BadResponse                  a malformed or ambiguously framed response head
-    └── PayloadError                 the body ended early or its chunked framing broke
 """
 
 from __future__ import annotations
@@ -27,19 +16,18 @@ import time
 from typing import Protocol, cast
 
 import httptools
-from multidict import CIMultiDict
 
-__all__ = [
-    "BadResponse",
-    "BodySink",
-    "ConnectError",
-    "ConnectionLost",
-    "ConnectionOwner",
-    "PayloadError",
-    "UpstreamConnection",
-    "UpstreamError",
-    "request_head",
-]
+from proxy.upstream_http import (
+    MAX_HEAD_BYTES,
+    BadResponse,
+    ConnectionLost,
+    PayloadError,
+    ResponseParser,
+    StopParsing,
+    UpstreamError,
+)
+
+__all__ = ["BodySink", "ConnectionOwner", "UpstreamConnection"]
 
 # A request body up to this size goes out with the head in one write. A larger one is
 # written in pieces of _WRITE_PIECE_BYTES, each after the transport has drained.
@@ -49,40 +37,6 @@ _WRITE_PIECE_BYTES = 256 * 1024
 # Reading pauses while more body bytes than this wait for the reader, so a reader that
 # falls behind (a slow client) keeps about this plus one socket read in memory.
 _READ_HIGH_WATER = 256 * 1024
-
-# A response head (with any 1xx heads before it) larger than this is rejected.
-_MAX_HEAD_BYTES = 64 * 1024
-
-# Methods whose request without a body gets no Content-Length (RFC 9110 §8.6).
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-
-
-class UpstreamError(Exception):
-    """An upstream exchange failed; the message is safe to log."""
-
-
-class ConnectError(UpstreamError, OSError):
-    """No connection could be opened to the provider."""
-
-
-class ConnectionLost(UpstreamError, ConnectionError):
-    """The connection closed or was reset before the response head was complete."""
-
-    def __init__(self, message: str, *, reused: bool, response_started: bool) -> None:
-        super().__init__(message)
-        self.reused = reused
-        """The connection had served an earlier response: the provider may have closed it
-        as idle while this request was on its way."""
-        self.response_started = response_started
-        """Some bytes of a response head had arrived."""
-
-
-class BadResponse(UpstreamError):
-    """The response head is malformed or its framing is ambiguous."""
-
-
-class PayloadError(UpstreamError):
-    """The response body ended before its declared end, or its chunked framing is invalid."""
 
 
 class ConnectionOwner(Protocol):
@@ -116,10 +70,10 @@ class BodySink(Protocol):
         """
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(ResponseParser, asyncio.Protocol):
     """One connection to a provider and the state of the exchange in progress on it.
 
-    The parser calls the ``on_*`` methods from ``data_received``. One task at a time
+    The parser calls the inherited ``on_*`` methods from ``data_received``. One task at a time
     uses the connection, and it waits on ``_waiter``, which every change of state wakes,
     or hands the rest of the body to a sink with ``relay_body``.
     """
@@ -133,7 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchanges = 0
         """Responses read completely on this connection."""
         self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
+        super().__init__()
         self._waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
@@ -144,21 +98,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._begin_state("GET", active=False)
 
     def _begin_state(self, method: str, *, active: bool) -> None:
+        self._begin_response(method)
         self.active = active
-        self.head_request = method == "HEAD"
-        self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.complete = False
-        self.keep_alive = False
         self.error: UpstreamError | None = None
         self.received = 0
-        self._head_size = 0
-        self._interim = False
-        self._framed = False
         self._body_unsent = False
-        self._chunks: list[bytes] = []
-        self.buffered = 0
 
     # The exchange, driven by the one task that uses the connection.
 
@@ -405,18 +349,18 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, _Stop):
+            if isinstance(cause, StopParsing):
                 self.keep_alive = False
                 self.abort()
             else:
-                self._fail(cause if isinstance(cause, UpstreamError) else _parse_error(self, exc))
+                self._fail(cause if isinstance(cause, UpstreamError) else self._parse_error(exc))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail(_parse_error(self, exc))
+            self._fail(self._parse_error(exc))
         else:
             if self._sink is not None:
                 self._pass_to_sink()
-            elif not self.head_done and self.received > _MAX_HEAD_BYTES:
-                self._fail(BadResponse(f"response head over {_MAX_HEAD_BYTES} bytes"))
+            elif not self.head_done and self.received > MAX_HEAD_BYTES:
+                self._fail(BadResponse(f"response head over {MAX_HEAD_BYTES} bytes"))
             elif self.buffered > _READ_HIGH_WATER and not self._reading_paused:
                 self._reading_paused = True
                 assert self.transport is not None
@@ -465,103 +409,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.error = error
         self.abort()
 
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        if self.complete:
-            raise _Stop()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:  # trailer fields come after the head and are dropped
-            self.raw_headers.append((name, value))
-            self._head_size += len(name) + len(value) + 4
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if self._head_size > _MAX_HEAD_BYTES:
-            raise BadResponse(f"response head over {_MAX_HEAD_BYTES} bytes")
-        if not 100 <= status <= 599:
-            raise BadResponse(f"invalid HTTP response from the provider: status {status}")
-        if status == 101:
-            raise BadResponse("provider switched protocols (101) although no upgrade was asked")
-        if status < 200:
-            # An interim response (100 Continue, 103 Early Hints): the final one follows.
-            self._interim = True
-            self.raw_headers = []
-            return
-
-        self.status = status
-        framed = _has_framing(self.raw_headers)
-        self._framed = framed or status in (204, 304) or self.head_request
-        self.keep_alive = self._parser.should_keep_alive()
-        self.head_done = True
-        if self.head_request:
-            # httptools offers no way to tell llhttp that a HEAD response has no body,
-            # so the exchange ends here and the connection is not reused.
-            self.complete = True
-            self.keep_alive = False
-
-    def on_body(self, body: bytes) -> None:
-        if not self.head_request:
-            self._chunks.append(body)
-            self.buffered += len(body)
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self.keep_alive = self.keep_alive and self._parser.should_keep_alive()
-        self.complete = True
-
-
-def _has_framing(raw_headers: list[tuple[bytes, bytes]]) -> bool:
-    """Return whether Content-Length or chunked coding frames the body; raise BadResponse
-    for a Transfer-Encoding other than chunked."""
-    framed = False
-    for name, value in raw_headers:
-        lowered = name.lower()
-        if lowered == b"transfer-encoding":
-            # Only chunked may be applied, as no TE header is sent (RFC 9112 §6.1).
-            # llhttp already rejects Transfer-Encoding together with Content-Length.
-            if value.strip().lower() != b"chunked":
-                raise BadResponse(
-                    f"invalid HTTP response from the provider: Transfer-Encoding {value[:40]!r}"
-                )
-            framed = True
-        elif lowered == b"content-length":
-            framed = True
-    return framed
-
-
-class _Stop(Exception):
-    """Raised in a parser callback to stop parsing bytes that follow a complete response."""
-
 
 def _closed_early() -> PayloadError:
     return PayloadError("the connection was closed before the response was complete")
-
-
-def _parse_error(connection: UpstreamConnection, exc: Exception) -> UpstreamError:
-    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    if isinstance(exc, httptools.HttpParserUpgrade):
-        reason = "unexpected protocol upgrade"
-    if connection.head_done:
-        return PayloadError(f"invalid HTTP response body from the provider: {reason}")
-    return BadResponse(f"invalid HTTP response from the provider: {reason}")
-
-
-def request_head(
-    method: str, target: str, host_header: str, headers: CIMultiDict[str], body_length: int
-) -> bytes:
-    """Serialize a request line and header block; raise ValueError on CR, LF or NUL in them."""
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
-    if body_length or method not in _NO_BODY_METHODS:
-        lines.append(f"Content-Length: {body_length}\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    # Each line ends with exactly one CRLF, so any other CR or LF came from a value.
-    line_count = len(lines) + 1
-    if text.count("\n") != line_count or text.count("\r") != line_count or "\x00" in text:
-        raise ValueError("CR, LF or NUL character in an upstream request line or header")
-    return text.encode("utf-8", "surrogateescape")
