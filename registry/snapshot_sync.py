@@ -346,10 +346,18 @@ class SnapshotSync:
             await asyncio.sleep(backoff.next_delay())
 
     async def _pump(self, subscription: EventSubscription, backoff: _Backoff) -> None:
-        """Apply events and check the connection with PING; raise when it goes silent."""
+        """Apply events and check the connection with PING; raise when a PING goes unanswered.
+
+        A PING is sent every health check interval, and the connection counts as dead when
+        no reply of any kind arrives within the timeout after one. An earlier rule limited
+        the silence since the last reply to the interval plus the timeout. Between two
+        PINGs that silence already reaches the interval plus one wait of this loop, so a
+        busy gateway raised false alarms.
+        """
         confirmations = 0
         received_at = subscription.received_at
         pinged_at = self.monotonic()
+        unanswered_ping_at: float | None = None
         while not self.closed:
             if subscription.subscriptions != confirmations:
                 # A first subscription, or one that redis-py renewed on a new connection:
@@ -368,14 +376,16 @@ class SnapshotSync:
                 self.note_reply()
 
             mono = self.monotonic()
-            silent_s = mono - received_at
-            if silent_s > self._health_interval_s + self._timeout_s:
+            if unanswered_ping_at is not None and received_at >= unanswered_ping_at:
+                unanswered_ping_at = None
+            if unanswered_ping_at is not None and mono - unanswered_ping_at > self._timeout_s:
                 raise RegistryUnavailable(
-                    f"no reply on the event subscription for {silent_s:.1f} s"
+                    "no reply to PING on the event subscription for "
+                    f"{mono - unanswered_ping_at:.1f} s"
                 )
-            if mono - pinged_at >= self._health_interval_s:
+            if unanswered_ping_at is None and mono - pinged_at >= self._health_interval_s:
                 await subscription.ping()
-                pinged_at = mono
+                pinged_at = unanswered_ping_at = mono
 
             event = await subscription.next_event(self._health_interval_s / 2)
             if event is not None:

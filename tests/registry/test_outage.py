@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import pytest
@@ -28,6 +28,8 @@ from registry import (
     SnapshotRegistry,
     open_registry,
 )
+from registry.redis_io import EventSubscription
+from registry.snapshot_sync import SnapshotSync, _Backoff
 
 pytestmark = pytest.mark.redis_server
 
@@ -405,3 +407,87 @@ def _event_applied(registry: SnapshotRegistry) -> Callable[[], Awaitable[bool]]:
         return registry.stats.events_applied > 0
 
     return check
+
+
+PINGS_CHECKED = 50
+
+
+class _LateLoopSubscription:
+    """A subscription on a fake clock whose replies are prompt but whose reads return late.
+
+    Each ``next_event`` advances the clock by its wait plus ``lateness_s``, as a busy
+    event loop does, and a PING's reply is read by the first call after it.
+    """
+
+    def __init__(self, clock: list[float], lateness_s: float, sync: SnapshotSync) -> None:
+        self._clock = clock
+        self._lateness_s = lateness_s
+        self._sync = sync
+        self._pong_due = False
+        self.subscriptions = 1
+        self.received_at = clock[0]
+        self.pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        self._pong_due = True
+        if self.pings == PINGS_CHECKED:
+            self._sync.closed = True
+
+    async def next_event(self, wait_s: float) -> None:
+        await asyncio.sleep(0)
+        if self._pong_due:
+            self._clock[0] += 0.001
+            self._pong_due = False
+            self.received_at = self._clock[0]
+        else:
+            self._clock[0] += wait_s + self._lateness_s
+
+
+@pytest.mark.parametrize("lateness_s", [0.0, 0.02, 0.2])
+async def test_late_loop_answered_pings_stay_healthy(lateness_s: float) -> None:
+    # Every PING is answered within 1 ms; only the loop that reads the replies is late.
+    clock = [1000.0]
+    sync = SnapshotSync(
+        RedisRegistry.from_url("redis://127.0.0.1:1/0", timeout_s=TIMEOUT_S),
+        outage_grace_s=GRACE_S,
+        resync_interval_s=60.0,
+        timeout_s=TIMEOUT_S,
+        health_check_interval_s=1.0,
+        max_backoff_s=0.3,
+        monotonic=lambda: clock[0],
+    )
+    subscription = _LateLoopSubscription(clock, lateness_s, sync)
+
+    # Returns once the last PING was sent; a false alarm raises RegistryUnavailable.
+    await sync._pump(cast(EventSubscription, subscription), _Backoff(0.1, 0.3))
+
+    assert subscription.pings == PINGS_CHECKED
+    assert sync.unreachable_since is None
+
+
+async def test_unanswered_ping_detected_within_timeout() -> None:
+    clock = [1000.0]
+    sync = SnapshotSync(
+        RedisRegistry.from_url("redis://127.0.0.1:1/0", timeout_s=TIMEOUT_S),
+        outage_grace_s=GRACE_S,
+        resync_interval_s=60.0,
+        timeout_s=TIMEOUT_S,
+        health_check_interval_s=1.0,
+        max_backoff_s=0.3,
+        monotonic=lambda: clock[0],
+    )
+    subscription = _LateLoopSubscription(clock, 0.0, sync)
+    sent: list[float] = []
+
+    async def ping_without_reply() -> None:
+        subscription.pings += 1
+        sent.append(clock[0])
+
+    subscription.ping = ping_without_reply  # type: ignore[method-assign]
+
+    with pytest.raises(RegistryUnavailable, match="no reply to PING"):
+        await sync._pump(cast(EventSubscription, subscription), _Backoff(0.1, 0.3))
+
+    assert sent == [1001.0]
+    assert clock[0] - sent[0] <= TIMEOUT_S + 0.5
