@@ -17,8 +17,9 @@ including the counts of workers that have exited. Gauges counted in place are su
 live workers (``livesum``). Computed values are not in any file, so each worker copies
 them into file-backed families every ``SAMPLE_INTERVAL_S`` and before it serves a scrape
 (``sample_sources``). The live provider and key counts describe the shared registry, so
-the worker that serves the scrape reports its own counts; from files, a model whose providers left
-would keep its series, because prometheus_client cannot remove labelled series there.
+the worker that serves the scrape reports its own counts. They are not written to files,
+because prometheus_client cannot remove a labelled series from them, and a model whose
+providers left would keep its series.
 """
 
 from __future__ import annotations
@@ -94,8 +95,7 @@ class Metrics:
             )
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, int, str], Counter] = {}
-        self._model_children: dict[tuple[str, str], Counter] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self.live_models: frozenset[str] = frozenset()
         """Models with a live provider at the last refresh; other names fold to ``other``."""
         self._live_counts: dict[str, tuple[int, int]] = {}
@@ -217,26 +217,26 @@ class Metrics:
         stream_failure: str | None,
     ) -> None:
         """Count one finished request; ``ttft_s`` is set only for relayed streams."""
-        # Label children are cached: labels() validates and locks on every call, and
-        # this runs once per request. The label values are bounded, so is the cache.
-        key = (route, status, outcome)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(route, str(status), outcome)
-        child.inc()
+        self._child(self.requests, route, str(status), outcome).inc()
         if model is not None:
-            model_key = (self.model_label(model, routed=routed), outcome)
-            model_child = self._model_children.get(model_key)
-            if model_child is None:
-                model_child = self._model_children[model_key] = self.model_requests.labels(
-                    *model_key
-                )
-            model_child.inc()
+            self._child(self.model_requests, self.model_label(model, routed=routed), outcome).inc()
         if ttft_s is not None:
             self.time_to_first_byte.observe(ttft_s)
             self.stream_duration.observe(duration_s)
         if stream_failure is not None:
-            self.stream_failures.labels(stream_failure).inc()
+            self._child(self.stream_failures, stream_failure).inc()
+
+    def _child(self, family: Counter, *values: str) -> Counter:
+        """Return the child of ``family`` for these label values, created once.
+
+        labels() validates and locks on every call, and record_request() runs once per
+        request. The label values are bounded, so the cache is too.
+        """
+        key = (family, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     def set_live_providers(self, counts: dict[str, tuple[int, int]]) -> None:
         """Replace the per-model gauges with ``{model: (keys, endpoints)}``.

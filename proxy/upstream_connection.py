@@ -204,8 +204,8 @@ class UpstreamConnection(ResponseParser, asyncio.Protocol):
             transport.resume_reading()
 
     def _pass_to_sink(self) -> None:
-        # One piece per socket read, not per chunk of the provider's chunked coding: a
-        # read that holds many chunks becomes one client write.
+        # One piece per socket read, not per chunk of the provider's chunked coding, so a
+        # read that contains many chunks becomes one client write.
         assert self._sink is not None
         if self._chunks:
             self._idle_deadline = time.monotonic() + self._sink_idle_s

@@ -316,8 +316,8 @@ _SHARED_TEXT_FORMATTER = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(me
     [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0005, 1_700_000_059.5, 1_700_003_600.25],
 )
 def test_text_formatter_matches_stdlib_time(created: float) -> None:
-    # One formatter sees the times in order, as a process does, so its per-second cache
-    # is crossed at each boundary; logging.Formatter is the reference.
+    # The shared formatter gets the cases' times in order, as a process does, so its
+    # per-second cache crosses each boundary. logging.Formatter is the reference.
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     record = logging.LogRecord("proxy.access", logging.INFO, "", 0, "line %s", ("x",), None)
     record.created = created

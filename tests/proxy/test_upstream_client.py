@@ -408,7 +408,7 @@ async def test_reused_connection_lost_before_response(ending: str) -> None:
 async def test_idle_connection_closed_by_server_replaced() -> None:
     async with serving(replying(OK)) as server, pool_of() as pool:
         _, body = await fetch(pool, server.url)
-        # The server closed the connection after its response; the pool sees the close.
+        # The server closed the connection after its response, and the pool drops it.
         await poll_until(lambda: not pool._connections)
         second, second_body = await fetch(pool, server.url)
 

@@ -416,39 +416,41 @@ class _LateLoopSubscription:
     """A subscription on a fake clock whose replies are prompt but whose reads return late.
 
     Each ``next_event`` advances the clock by its wait plus ``lateness_s``, as a busy
-    event loop does, and a PING's reply is read by the first call after it.
+    event loop does. With ``replies``, the first call after a PING reads its reply 1 ms
+    later. The ``PINGS_CHECKED``-th PING closes ``sync``, which ends its pump loop.
     """
 
-    def __init__(self, clock: list[float], lateness_s: float, sync: SnapshotSync) -> None:
+    def __init__(
+        self, clock: list[float], sync: SnapshotSync, *, lateness_s: float, replies: bool
+    ) -> None:
         self._clock = clock
-        self._lateness_s = lateness_s
         self._sync = sync
-        self._pong_due = False
+        self._lateness_s = lateness_s
+        self._replies = replies
+        self._reply_due = False
         self.subscriptions = 1
         self.received_at = clock[0]
-        self.pings = 0
+        self.ping_times: list[float] = []
 
     async def ping(self) -> None:
-        self.pings += 1
-        self._pong_due = True
-        if self.pings == PINGS_CHECKED:
+        self.ping_times.append(self._clock[0])
+        self._reply_due = self._replies
+        if len(self.ping_times) == PINGS_CHECKED:
             self._sync.closed = True
 
     async def next_event(self, wait_s: float) -> None:
         await asyncio.sleep(0)
-        if self._pong_due:
+        if self._reply_due:
             self._clock[0] += 0.001
-            self._pong_due = False
+            self._reply_due = False
             self.received_at = self._clock[0]
         else:
             self._clock[0] += wait_s + self._lateness_s
 
 
-@pytest.mark.parametrize("lateness_s", [0.0, 0.02, 0.2])
-async def test_late_loop_answered_pings_stay_healthy(lateness_s: float) -> None:
-    # Every PING is answered within 1 ms; only the loop that reads the replies is late.
-    clock = [1000.0]
-    sync = SnapshotSync(
+def _sync_on_clock(clock: list[float]) -> SnapshotSync:
+    """Return a snapshot's sync state on a fake clock, with a 1 s health check interval."""
+    return SnapshotSync(
         RedisRegistry.from_url("redis://127.0.0.1:1/0", timeout_s=TIMEOUT_S),
         outage_grace_s=GRACE_S,
         resync_interval_s=60.0,
@@ -457,37 +459,29 @@ async def test_late_loop_answered_pings_stay_healthy(lateness_s: float) -> None:
         max_backoff_s=0.3,
         monotonic=lambda: clock[0],
     )
-    subscription = _LateLoopSubscription(clock, lateness_s, sync)
+
+
+@pytest.mark.parametrize("lateness_s", [0.0, 0.02, 0.2])
+async def test_late_loop_replied_pings_stay_healthy(lateness_s: float) -> None:
+    # Every PING gets its reply within 1 ms; only the loop that reads the replies is late.
+    clock = [1000.0]
+    sync = _sync_on_clock(clock)
+    subscription = _LateLoopSubscription(clock, sync, lateness_s=lateness_s, replies=True)
 
     # Returns once the last PING was sent; a false alarm raises RegistryUnavailable.
     await sync._pump(cast(EventSubscription, subscription), _Backoff(0.1, 0.3))
 
-    assert subscription.pings == PINGS_CHECKED
+    assert len(subscription.ping_times) == PINGS_CHECKED
     assert sync.unreachable_since is None
 
 
 async def test_unanswered_ping_detected_within_timeout() -> None:
     clock = [1000.0]
-    sync = SnapshotSync(
-        RedisRegistry.from_url("redis://127.0.0.1:1/0", timeout_s=TIMEOUT_S),
-        outage_grace_s=GRACE_S,
-        resync_interval_s=60.0,
-        timeout_s=TIMEOUT_S,
-        health_check_interval_s=1.0,
-        max_backoff_s=0.3,
-        monotonic=lambda: clock[0],
-    )
-    subscription = _LateLoopSubscription(clock, 0.0, sync)
-    sent: list[float] = []
-
-    async def ping_without_reply() -> None:
-        subscription.pings += 1
-        sent.append(clock[0])
-
-    subscription.ping = ping_without_reply  # type: ignore[method-assign]
+    sync = _sync_on_clock(clock)
+    subscription = _LateLoopSubscription(clock, sync, lateness_s=0.0, replies=False)
 
     with pytest.raises(RegistryUnavailable, match="no reply to PING"):
         await sync._pump(cast(EventSubscription, subscription), _Backoff(0.1, 0.3))
 
-    assert sent == [1001.0]
-    assert clock[0] - sent[0] <= TIMEOUT_S + 0.5
+    assert subscription.ping_times == [1001.0]
+    assert clock[0] - subscription.ping_times[0] <= TIMEOUT_S + 0.5

@@ -181,7 +181,8 @@ async def test_empty_completion_batch_sends_nothing(
     await registry.record_completions([], 30)
 
     stats = await raw.info("commandstats")
-    assert "cmdstat_evalsha" not in stats and "cmdstat_eval" not in stats
+    assert "cmdstat_evalsha" not in stats
+    assert "cmdstat_eval" not in stats
 
 
 async def test_last_endpoint_removal_deletes_field(
